@@ -246,3 +246,27 @@ def apply_overrides(cfg: ExperimentConfig, overrides: Mapping[str, Any]) -> Expe
             raise ConfigError(f"override {key!r}: unknown key {parts[-1]!r}; valid: {sorted(node)}")
         node[parts[-1]] = value
     return config_from_dict(d, where="overrides")
+
+
+def default_config(builtin: bool = True) -> ExperimentConfig:
+    """The configuration ``python -m fewshot_proto.train`` starts from.
+
+    ``builtin=True`` (no ``--data``): the built-in phantoms at 128x128 with a budget that trains and evaluates
+    within 10 minutes on a 2-core CPU (``configs/experiments/phantom_default.yaml`` is this config as YAML).
+    ``builtin=False``: real data at 256x256, the field's alpnet protocol, Setting 2, test classes {2, 3}.
+    """
+    cfg = ExperimentConfig()
+    if builtin:
+        cfg.data.size = 128
+        cfg.train.iters = 1500
+        cfg.train.optimizer = "adamw"
+        cfg.train.lr = 5e-4
+        cfg.train.weight_decay = 1e-4
+        cfg.train.scheduler = "cosine"
+        cfg.train.warmup_iters = 50
+        cfg.train.ckpt_every = 250
+        cfg.train.out = "runs/phantom"
+    else:
+        cfg.data.size = 256
+        cfg.train.out = "runs/experiment"
+    return cfg

@@ -1,0 +1,57 @@
+"""Device, precision and thread settings shared by training, evaluation and prediction."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+
+__all__ = ["resolve_device", "autocast", "configure_threads", "to_memory_format"]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when present, else CPU; ``"cuda"`` without a GPU raises a clear error."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name} was requested but no CUDA GPU is available; use --device auto or cpu")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """Autocast context for ``precision`` in {"fp32", "bf16", "fp16"} (fp16 only on CUDA)."""
+    precision = precision.lower()
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ValueError("precision fp16 needs a CUDA device; use bf16 on CPU")
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    raise ValueError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
+
+
+def configure_threads(threads: Optional[int] = None) -> int:
+    """Set torch intra-op threads (default: the cores this process may use) and return the number used."""
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS")
+        if env and env.isdigit():
+            threads = int(env)
+        else:
+            try:
+                threads = len(os.sched_getaffinity(0))
+            except AttributeError:  # pragma: no cover - non-Linux
+                threads = os.cpu_count() or 1
+    threads = max(1, int(threads))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x

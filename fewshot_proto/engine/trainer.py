@@ -1,0 +1,396 @@
+"""The episodic training loop.
+
+``train(cfg)`` builds the dataset, the fold split of the protocol, the training episode samplers, the model,
+optimiser and LR schedule, then runs ``cfg.train.iters`` episodes with tqdm progress, a CSV log (TensorBoard
+when installed) and atomic checkpoints every ``ckpt_every`` steps. ``resume=`` continues bit-for-bit:
+
+* episode ``i`` is drawn by a generator seeded with ``(seed, rank, i)``, so the episode stream after a resume is
+  the one an uninterrupted run would have seen, whatever prefetching or DataLoader workers did before;
+* model, optimiser, scheduler and every global RNG state are restored from the checkpoint.
+
+A run never dies without saving: on any exception (KeyboardInterrupt included) the last completed step is
+checkpointed before the exception propagates; a non-finite loss stops the run with a clear error after
+saving the last good weights.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+
+from fewshot_proto import __version__
+from fewshot_proto.config import ExperimentConfig, config_from_dict, config_to_dict, save_config
+from fewshot_proto.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint, set_rng_state
+from fewshot_proto.engine.runtime import autocast, configure_threads, resolve_device, to_memory_format
+
+__all__ = ["train", "TrainResult", "build_training_sampler", "episode_losses", "EpisodeSource"]
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    checkpoint: Path
+    steps: int
+    losses: List[float] = field(default_factory=list)
+    seconds: float = 0.0
+    seconds_per_step: float = float("nan")
+    sample_fraction: float = float("nan")  # share of step time spent waiting for the next episode
+    model: Any = None
+
+
+def build_training_sampler(cfg: ExperimentConfig, dataset, index, train_scans: List[str]):
+    """The training episode sampler the config asks for (labelled, superpixel or a mix)."""
+    from fewshot_proto.episodes.protocol import training_slices
+    from fewshot_proto.episodes.sampler import LabelledEpisodeSampler, MixedSampler, SuperpixelEpisodeSampler
+
+    p, e = cfg.protocol, cfg.episodes
+    test = [int(c) for c in p.test_classes]
+    train_classes = [c for c in index.classes if c not in test]
+    rng = np.random.default_rng(cfg.train.seed)
+
+    def labelled():
+        if not train_classes:
+            raise ValueError(f"no training classes left in dataset {index.dataset!r} once test classes {test} are "
+                             f"held out (classes: {index.classes})")
+        return LabelledEpisodeSampler(dataset, index, train_scans, train_classes, setting=p.setting,
+                                      test_classes=test, shots=e.shots, n_query=e.n_query, size=cfg.data.size,
+                                      augment=e.augment, rng=rng)
+
+    def superpixel():
+        allowed = {s: training_slices(index, s, p.setting, test) for s in train_scans}
+        return SuperpixelEpisodeSampler(dataset, train_scans, allowed, size=cfg.data.size, rng=rng,
+                                        shots=e.shots, n_query=e.n_query, augment=e.augment)
+
+    if e.mode == "labelled":
+        return labelled()
+    if e.mode == "superpixel":
+        return superpixel()
+    if e.mode == "mixed":
+        return MixedSampler([superpixel(), labelled()], [e.superpixel_prob, 1 - e.superpixel_prob], rng=rng)
+    raise ValueError(f"episodes.mode must be labelled, superpixel or mixed, not {e.mode!r}")
+
+
+class EpisodeSource:
+    """Episode ``i`` = ``sampler`` driven by ``default_rng([seed, rank, i])``: a pure function of the step.
+
+    Iterating yields episodes for steps ``start, start+1, ...`` with a background thread keeping ``prefetch``
+    episodes ready (sampling overlaps compute), or through DataLoader workers when ``num_workers > 0``.
+    """
+
+    def __init__(self, sampler, seed: int, rank: int = 0) -> None:
+        self.sampler = sampler
+        self.seed = int(seed)
+        self.rank = int(rank)
+
+    def episode(self, step: int):
+        rng = np.random.default_rng([self.seed, self.rank, int(step)])
+        return _sample_with(self.sampler, rng)
+
+    def __getitem__(self, step: int):  # map-style dataset protocol for DataLoader workers
+        t = time.perf_counter()
+        ep = self.episode(step)
+        ep.meta["sample_seconds"] = time.perf_counter() - t
+        return ep
+
+    def __len__(self) -> int:  # pragma: no cover - DataLoader needs it only with automatic sampling
+        return 2 ** 31
+
+    def stream(self, start: int, stop: int, *, prefetch: int = 2, num_workers: int = 0) -> Iterator[Any]:
+        if num_workers > 0:
+            from torch.utils.data import DataLoader
+
+            loader = DataLoader(self, batch_size=None, sampler=range(start, stop), num_workers=num_workers,
+                                prefetch_factor=max(1, prefetch), collate_fn=_identity,
+                                worker_init_fn=_worker_init, persistent_workers=False)
+            yield from loader
+            return
+        if prefetch <= 0:
+            for i in range(start, stop):
+                yield self[i]
+            return
+        yield from _threaded(lambda i: self[i], start, stop, prefetch)
+
+
+def _identity(x):
+    return x
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _sample_with(sampler, rng: np.random.Generator):
+    """Draw one episode from ``sampler`` using ``rng`` (samplers keep their generator in ``.rng``)."""
+    def set_rng(s):
+        s.rng = rng
+        for child in getattr(s, "samplers", []) or []:
+            set_rng(child)
+
+    set_rng(sampler)
+    return sampler.sample()
+
+
+def _threaded(fn, start: int, stop: int, prefetch: int) -> Iterator[Any]:
+    q: "queue.Queue" = queue.Queue(maxsize=prefetch)
+    stop_flag = threading.Event()
+
+    def work():
+        try:
+            for i in range(start, stop):
+                if stop_flag.is_set():
+                    return
+                q.put(("ok", fn(i)))
+        except BaseException as e:  # surfaced in the consumer
+            q.put(("err", e))
+
+    t = threading.Thread(target=work, daemon=True, name="episode-prefetch")
+    t.start()
+    try:
+        for _ in range(start, stop):
+            kind, item = q.get()
+            if kind == "err":
+                raise item
+            yield item
+    finally:
+        stop_flag.set()
+        while not q.empty():
+            try:
+                q.get_nowait()
+            except queue.Empty:  # pragma: no cover
+                break
+
+
+def episode_to_tensors(ep, device: torch.device, channels_last: bool):
+    s_img = to_memory_format(torch.from_numpy(np.ascontiguousarray(ep.support_img)).to(device), channels_last)
+    q_img = to_memory_format(torch.from_numpy(np.ascontiguousarray(ep.query_img)).to(device), channels_last)
+    s_mask = torch.from_numpy(np.ascontiguousarray(ep.support_mask)).float().to(device)
+    q_mask = torch.from_numpy(np.ascontiguousarray(ep.query_mask)).long().to(device)
+    return s_img, s_mask, q_img, q_mask
+
+
+def episode_losses(model, s_img, s_mask, q_img, q_mask, *, lambda_align: float, lambda_cyc: float,
+                   ce_weights: Optional[List[float]] = None) -> Dict[str, torch.Tensor]:
+    """Forward one episode and return the loss terms ({"loss", "ce", "align", "cyc"})."""
+    from fewshot_proto.losses import alignment_loss, cyclic_consistency_loss, weighted_cross_entropy
+
+    core = model.module if hasattr(model, "module") else model
+    out = model(s_img, s_mask, q_img)
+    weight = torch.tensor(ce_weights, device=out.logits.device, dtype=torch.float32) if ce_weights else None
+    ce = weighted_cross_entropy(out.logits.float(), q_mask, weight=weight)
+    terms = {"ce": ce}
+    loss = ce
+    if lambda_align > 0 and "query_feat" in out.aux and "support_feat" in out.aux:
+        al = alignment_loss(out.aux["query_feat"], out.logits, out.aux["support_feat"], s_mask)
+        terms["align"] = al
+        loss = loss + lambda_align * al
+    if lambda_cyc > 0 and getattr(core, "kind", "fewshot") == "fewshot" and hasattr(core, "prototypes"):
+        cy = cyclic_consistency_loss(core, s_img, s_mask, q_img, out.logits)
+        terms["cyc"] = cy
+        loss = loss + lambda_cyc * cy
+    terms["loss"] = loss
+    return terms
+
+
+def _build_optimizer(params, t) -> torch.optim.Optimizer:
+    name = t.optimizer.lower()
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    raise ValueError(f"train.optimizer must be sgd, adam or adamw, not {t.optimizer!r}")
+
+
+def _build_scheduler(opt, t):
+    warm = max(0, int(t.warmup_iters))
+    name = t.scheduler.lower()
+    if name == "step":
+        base = lambda i: t.lr_gamma ** (i // max(1, t.lr_step))  # noqa: E731
+    elif name == "cosine":
+        base = lambda i: 0.5 * (1 + math.cos(math.pi * min(i, t.iters) / max(1, t.iters)))  # noqa: E731
+    elif name == "none":
+        base = lambda i: 1.0  # noqa: E731
+    else:
+        raise ValueError(f"train.scheduler must be step, cosine or none, not {t.scheduler!r}")
+    fn = (lambda i: base(i) * min(1.0, (i + 1) / warm)) if warm else base  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(opt, fn)
+
+
+class _Logger:
+    FIELDS = ["step", "loss", "ce", "align", "cyc", "lr", "seconds_per_step", "sample_seconds", "elapsed"]
+
+    def __init__(self, out_dir: Path, append: bool) -> None:
+        self.path = out_dir / "train_log.csv"
+        new = not (append and self.path.exists())
+        self.f = open(self.path, "w" if new else "a", newline="")
+        self.w = csv.DictWriter(self.f, fieldnames=self.FIELDS, extrasaction="ignore")
+        if new:
+            self.w.writeheader()
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        except Exception:
+            self.tb = None
+
+    def log(self, row: Dict[str, Any]) -> None:
+        self.w.writerow(row)
+        self.f.flush()
+        if self.tb is not None:
+            for k in ("loss", "ce", "align", "cyc", "lr"):
+                if k in row and row[k] != "":
+                    self.tb.add_scalar(f"train/{k}", row[k], row["step"])
+
+    def close(self) -> None:
+        self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(cfg: ExperimentConfig, *, resume: Optional[str | Path] = None, progress: bool = True,
+          stop_after: Optional[int] = None, dataset=None, rank: int = 0, world_size: int = 1) -> TrainResult:
+    """Train ``cfg.model`` episodically on ``cfg.data`` under ``cfg.protocol``'s fold split.
+
+    ``stop_after`` ends the run after that many steps of this call (tests use it to simulate a kill).
+    ``dataset`` overrides ``cfg.data`` (an in-memory dataset, for example).
+    """
+    from fewshot_proto.data import dataset_from_config
+    from fewshot_proto.episodes.protocol import fold_split
+    from fewshot_proto.models import build_model
+
+    t_cfg = cfg.train
+    configure_threads(t_cfg.threads)
+    device = resolve_device(t_cfg.device)
+    out_dir = Path(t_cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "checkpoint.pt"
+
+    torch.manual_seed(t_cfg.seed)
+    np.random.seed(t_cfg.seed % (2 ** 32))
+    if dataset is None:
+        dataset = dataset_from_config(cfg.data)
+    index = dataset.slice_index()
+    split = fold_split(index, cfg.protocol.fold, cfg.protocol.n_folds, cfg.protocol.shots)
+    sampler = build_training_sampler(cfg, dataset, index, list(split.train_scans))
+
+    model = build_model(cfg.model.name, **cfg.model.kwargs)
+    model_config = dict(getattr(model, "config", cfg.model.kwargs))
+    model.to(device)
+    if t_cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _build_optimizer(params, t_cfg)
+    scheduler = _build_scheduler(optimizer, t_cfg)
+
+    start = 0
+    if resume is not None:
+        ckpt = load_checkpoint(resume, expect_model=cfg.model.name)
+        load_model_state(model, ckpt["model"], resume)
+        if "optimizer" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if "scheduler" in ckpt:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        start = int(ckpt["step"])
+
+    train_model = model
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(model, find_unused_parameters=True)
+
+    resolved = config_to_dict(cfg)
+    if rank == 0:
+        save_config(cfg, out_dir / "config.yaml")
+
+    def checkpoint(step: int) -> None:
+        if rank != 0:
+            return
+        save_checkpoint(ckpt_path, model=model, model_name=cfg.model.name, model_config=model_config, step=step,
+                        optimizer=optimizer, scheduler=scheduler, config=resolved)
+
+    source = EpisodeSource(sampler, seed=t_cfg.seed, rank=rank)
+    stop = t_cfg.iters if stop_after is None else min(t_cfg.iters, start + int(stop_after))
+    logger = _Logger(out_dir, append=resume is not None) if rank == 0 else None
+    losses: List[float] = []
+    step = start
+    t_start = time.perf_counter()
+    step_times: List[float] = []
+    sample_times: List[float] = []
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=t_cfg.iters, initial=start, desc="train", unit="ep", dynamic_ncols=True)
+    model.train()
+    try:
+        t_prev = time.perf_counter()
+        episodes = source.stream(start, stop, prefetch=t_cfg.prefetch, num_workers=t_cfg.num_workers)
+        while True:
+            t_wait = time.perf_counter()
+            try:
+                ep = next(episodes)
+            except StopIteration:
+                break
+            wait = time.perf_counter() - t_wait
+            s_img, s_mask, q_img, q_mask = episode_to_tensors(ep, device, t_cfg.channels_last)
+            with autocast(device, t_cfg.precision):
+                terms = episode_losses(train_model, s_img, s_mask, q_img, q_mask,
+                                       lambda_align=t_cfg.lambda_align, lambda_cyc=t_cfg.lambda_cyc,
+                                       ce_weights=t_cfg.ce_weights)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                checkpoint(step)
+                raise FloatingPointError(
+                    f"non-finite loss {loss.item()} at step {step} (episode {ep.meta}); the last good weights "
+                    f"were saved to {ckpt_path}. Lower train.lr or check the data for NaNs.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if t_cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, t_cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            now = time.perf_counter()
+            step_times.append(now - t_prev)
+            t_prev = now
+            sample_times.append(wait)
+            lv = float(loss.detach())
+            losses.append(lv)
+            if logger is not None and (step % max(1, t_cfg.log_every) == 0 or step == stop):
+                row = {k: float(v.detach()) for k, v in terms.items()}
+                row.update(step=step, lr=scheduler.get_last_lr()[0], seconds_per_step=step_times[-1],
+                           sample_seconds=sample_times[-1], elapsed=now - t_start)
+                logger.log(row)
+            if bar is not None:
+                bar.update(1)
+                if step % 5 == 0:
+                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", s_per_ep=f"{np.median(step_times[-20:]):.2f}")
+            if t_cfg.ckpt_every and step % t_cfg.ckpt_every == 0:
+                checkpoint(step)
+    except BaseException:
+        if step > start:
+            checkpoint(step)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if logger is not None:
+            logger.close()
+    checkpoint(step)
+    seconds = time.perf_counter() - t_start
+    med = float(np.median(step_times[1:] if len(step_times) > 1 else step_times)) if step_times else float("nan")
+    frac = float(np.sum(sample_times) / max(np.sum(step_times), 1e-9)) if step_times else float("nan")
+    model.eval()
+    return TrainResult(out_dir=out_dir, checkpoint=ckpt_path, steps=step, losses=losses, seconds=seconds,
+                       seconds_per_step=med, sample_fraction=frac, model=model)
