@@ -90,16 +90,49 @@ def main(argv: Optional[List[str]] = None) -> int:
     from fewshot_proto.errors import FewShotError
     from fewshot_proto.config import ConfigError
 
+    rank, world = 0, 1
     try:
         cfg = config_from_args(args)
-        return run(cfg, resume=args.resume, evaluate_after=not args.no_eval, progress=not args.no_progress)
+        rank, world = init_distributed(cfg.train.device)
+        return run(cfg, resume=args.resume, evaluate_after=not args.no_eval, progress=not args.no_progress,
+                   rank=rank, world_size=world)
     except (FewShotError, ConfigError, KeyError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
-def run(cfg, *, resume=None, evaluate_after: bool = True, progress: bool = True) -> int:
+def init_distributed(device: str):
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on CUDA).
+
+    Returns ``(rank, world_size)``; ``(0, 1)`` when not launched by torchrun.
+    """
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    from fewshot_proto.engine.runtime import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def run(cfg, *, resume=None, evaluate_after: bool = True, progress: bool = True, rank: int = 0,
+        world_size: int = 1) -> int:
     from fewshot_proto.data import dataset_from_config
     from fewshot_proto.engine import evaluate, train
     from fewshot_proto.engine.evaluator import protocol_specs
@@ -109,10 +142,14 @@ def run(cfg, *, resume=None, evaluate_after: bool = True, progress: bool = True)
     t0 = time.perf_counter()
     dataset = dataset_from_config(cfg.data)
     p = cfg.protocol
-    print(f"data: {dataset.name} ({len(dataset)} scans) | model: {cfg.model.name} | {p.shots}-shot, "
-          f"Setting {p.setting}, test classes {list(p.test_classes)}, fold {p.fold} | "
-          f"{cfg.train.iters} episodes at {cfg.data.size}x{cfg.data.size} | out: {cfg.train.out}")
-    result = train(cfg, resume=resume, progress=progress, dataset=dataset)
+    if rank == 0:
+        print(f"data: {dataset.name} ({len(dataset)} scans) | model: {cfg.model.name} | {p.shots}-shot, "
+              f"Setting {p.setting}, test classes {list(p.test_classes)}, fold {p.fold} | "
+              f"{cfg.train.iters} episodes at {cfg.data.size}x{cfg.data.size} | out: {cfg.train.out}"
+              + (f" | {world_size} ranks" if world_size > 1 else ""))
+    result = train(cfg, resume=resume, progress=progress, dataset=dataset, rank=rank, world_size=world_size)
+    if rank != 0:
+        return 0
     t_train = time.perf_counter() - t0
     print(f"trained {result.steps} episodes in {t_train:.0f} s (median {result.seconds_per_step:.3f} s/episode); "
           f"checkpoint: {result.checkpoint}")

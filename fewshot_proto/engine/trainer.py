@@ -307,7 +307,8 @@ def train(cfg: ExperimentConfig, *, resume: Optional[str | Path] = None, progres
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        train_model = DDP(model, find_unused_parameters=True)
+        ids = [torch.cuda.current_device()] if device.type == "cuda" else None
+        train_model = DDP(model, device_ids=ids, find_unused_parameters=True)
 
     resolved = config_to_dict(cfg)
     if rank == 0:

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fewshot_proto.config import (ConfigError, apply_overrides, config_from_dict, config_to_dict, default_config,
+                                  load_config, save_config)
+from fewshot_proto.registry import Registry
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_registry_duplicate_and_unknown():
+    r = Registry("widget")
+
+    @r.register("a")
+    def build_a(x=1):
+        return ("a", x)
+
+    assert r.build("a", x=3) == ("a", 3)
+    with pytest.raises(ValueError, match="already registered"):
+        r.register("a")(lambda: None)
+    with pytest.raises(KeyError, match=r"unknown widget 'b'; valid names: a"):
+        r.get("b")
+    assert r.names() == ["a"] and "a" in r and len(r) == 1
+
+
+def test_config_round_trip(tmp_path):
+    cfg = default_config()
+    cfg.data.label_map = {200: 1, 500: 2}
+    save_config(cfg, tmp_path / "c.yaml")
+    back = load_config(tmp_path / "c.yaml")
+    assert config_to_dict(back) == config_to_dict(cfg)
+    assert back.data.label_map == {200: 1, 500: 2}
+
+
+def test_config_rejects_unknown_keys_naming_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  iterz: 5\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*train.*unknown key\(s\) \['iterz'\]"):
+        load_config(p)
+    p.write_text("train:\n  iters: five\n")
+    with pytest.raises(ConfigError, match=r"train.iters.*'five'"):
+        load_config(p)
+    p.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_overrides():
+    cfg = apply_overrides(default_config(), {"train.iters": 7, "protocol.test_classes": [1, 4], "data.root": None,
+                                             "model.kwargs.tau": 0.3})
+    assert cfg.train.iters == 7 and cfg.protocol.test_classes == [1, 4] and cfg.model.kwargs == {"tau": 0.3}
+    with pytest.raises(ConfigError, match="unknown key"):
+        apply_overrides(cfg, {"train.nope": 1})
+    assert config_from_dict({"train": {"lr": 1}}).train.lr == 1.0
+
+
+def test_shipped_configs_load_and_default_matches_code():
+    files = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert files, "configs/ ships no YAML"
+    for f in files:
+        if "experiments" in f.parts:
+            load_config(f)
+    shipped = load_config(ROOT / "configs" / "experiments" / "phantom_default.yaml")
+    assert config_to_dict(shipped) == config_to_dict(default_config(builtin=True))
