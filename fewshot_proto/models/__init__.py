@@ -18,6 +18,7 @@ MODELS = Registry("model")
 # ``import fewshot_proto.models`` alone stays cheap.
 _MODEL_MODULES: List[str] = [
     "fewshot_proto.models.fewshot",
+    "fewshot_proto.models.baselines",
 ]
 _loaded = False
 

@@ -1,0 +1,210 @@
+"""What the supervised baselines share: the episodic interface, input checks, the output head and blocks.
+
+The engine drives every model, few-shot or supervised, through one call::
+
+    model(support_img[S, C, H, W], support_mask[S, H, W], query_img[Q, C, H, W]) -> SegOutput(logits[Q, 2, H, W])
+
+A supervised baseline ignores the support (it was trained on labelled slices of the training classes and
+segments the query alone); supervised training calls ``segment_image(x[B, C, H, W]) -> logits[B, 2, H, W]``
+directly. Every model's ``kind`` class attribute says which family it is (``"supervised"`` here,
+``"fewshot"`` for prototype models), and ``model.config`` holds the builder kwargs that rebuild it
+(``build_model(name, **model.config)``).
+
+Output modes (``out_mode``). All models return two logits per pixel (background, foreground) so that every
+model shares the engine's CE/Dice losses and the evaluation code. The seeds' binary networks end in a single
+channel ``z`` with a sigmoid and are trained with Dice+BCE; that parameterisation is kept as
+``out_mode="sigmoid"``: the 1x1 head has one output channel and the returned logits are ``[0, z]``. Since
+``softmax([0, z])[1] = sigmoid(z)``, cross-entropy on these two logits *is* BCE on ``z``, soft Dice on the
+foreground softmax channel *is* soft Dice on ``sigmoid(z)``, and argmax is ``z > 0``. ``out_mode="softmax"``
+uses a 1x1 head with two free output channels (Ronneberger's original two-class U-Net). Which loss is applied
+is the engine's choice; ``forward`` never computes a loss.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from fewshot_proto.types import SegOutput
+
+__all__ = [
+    "OUT_MODES",
+    "SupervisedSegmenter",
+    "SegHead",
+    "SEBlock",
+    "nearest_valid_size",
+    "count_parameters",
+    "check_positive_int",
+    "check_rate",
+]
+
+OUT_MODES = ("sigmoid", "softmax")
+
+
+def nearest_valid_size(n: int, stride: int) -> int:
+    """The multiple of ``stride`` closest to ``n`` (ties go up; never below ``stride``)."""
+    lower = (n // stride) * stride
+    upper = lower + stride
+    best = upper if (n - lower) >= (upper - n) else lower
+    return max(stride, best)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (buffers such as BN running statistics are not counted)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def check_positive_int(name: str, value: Any, model: str) -> int:
+    """Return ``value`` if it is an int >= 1, else raise ``ValueError`` naming the model and argument."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{model}: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_rate(name: str, value: Any, model: str) -> float:
+    """Return ``value`` as a float if it is a probability in [0, 1), else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{model}: {name} must be a probability in [0, 1), got {value!r}")
+    return float(value)
+
+
+class SegHead(nn.Module):
+    """1x1 convolution to class scores, always returned as two logits ``[B, 2, H, W]``.
+
+    ``out_mode="sigmoid"``: one output channel ``z`` (the seeds' sigmoid head), returned as ``[0, z]``.
+    ``out_mode="softmax"``: two output channels, returned as they are. See the module docstring.
+    """
+
+    def __init__(self, in_channels: int, out_mode: str) -> None:
+        super().__init__()
+        if out_mode not in OUT_MODES:
+            raise ValueError(f"out_mode must be one of {OUT_MODES}, got {out_mode!r}")
+        self.out_mode = out_mode
+        self.conv = nn.Conv2d(in_channels, 1 if out_mode == "sigmoid" else 2, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x[B, C, H, W] -> logits[B, 2, H, W]``."""
+        z = self.conv(x)
+        if self.out_mode == "sigmoid":
+            return torch.cat([torch.zeros_like(z), z], dim=1)
+        return z
+
+
+class SEBlock(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018): ``x * sigmoid(W2 relu(W1 gap(x)))``.
+
+    The hidden width is ``max(1, channels // reduction)`` (so 16 or 24 channels with ``r = 16`` keep one
+    hidden unit). Both fully connected layers have biases. ``[B, C, H, W] -> [B, C, H, W]``.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1)
+        self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean(dim=(2, 3), keepdim=True)
+        s = torch.sigmoid(self.fc2(torch.relu(self.fc1(s))))
+        return x * s
+
+
+class SupervisedSegmenter(nn.Module):
+    """Base class of the supervised baselines: the episodic ``forward`` plus input checks.
+
+    Subclasses set ``total_stride`` (input H and W must be multiples of it), ``in_channels`` and ``config``,
+    and implement ``_segment(x) -> logits[B, 2, H, W]``.
+
+    Class attributes:
+        kind: ``"supervised"`` (few-shot models say ``"fewshot"``); the engine uses it to choose the training
+            loop (plain labelled batches vs episodes).
+    """
+
+    kind = "supervised"
+    display_name = "supervised model"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config: Dict[str, Any] = {}
+        self.in_channels: int = 3
+        self.total_stride: int = 1
+
+    # -- checks ---------------------------------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor, what: str = "input") -> None:
+        """Raise ``ValueError`` unless ``x`` is ``[B, in_channels, H, W]`` with H, W multiples of the stride.
+
+        The message suggests the nearest valid size (resize or pad the slices to it).
+        """
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{self.display_name}: {what} must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"{self.display_name}: {what} must be [B, C, H, W], got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{self.display_name}: {what} has {x.shape[1]} channels but the model was built with "
+                f"in_channels={self.in_channels}"
+            )
+        h, w = int(x.shape[2]), int(x.shape[3])
+        s = self.total_stride
+        if h % s or w % s or h < s or w < s:
+            raise ValueError(
+                f"{self.display_name}: {what} size {h}x{w} is not a multiple of the network's total stride {s}; "
+                f"nearest valid size: {nearest_valid_size(h, s)}x{nearest_valid_size(w, s)} (resize or pad the slices)"
+            )
+
+    # -- the two entry points -------------------------------------------------------------------------------
+    def segment_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain segmentation: ``x[B, C, H, W] -> logits[B, 2, H, W]`` (background, foreground).
+
+        This is what supervised training calls. Raises ``ValueError`` on a wrong channel count or a size that
+        is not a multiple of ``total_stride``.
+        """
+        self.check_input(x)
+        return self._segment(x)
+
+    def forward(
+        self,
+        support_img: Optional[torch.Tensor],
+        support_mask: Optional[torch.Tensor],
+        query_img: torch.Tensor,
+    ) -> SegOutput:
+        """Episodic call shared with the few-shot models; the support is IGNORED.
+
+        Args:
+            support_img: ``[S, C, H, W]``, or ``None``. Checked for shape consistency only.
+            support_mask: ``[S, H, W]``, or ``None``. Checked for shape consistency only.
+            query_img: ``[Q, C, H, W]``.
+
+        Returns:
+            ``SegOutput(logits[Q, 2, H, W], aux={})``: the query segmented on its own.
+        """
+        if (support_img is None) != (support_mask is None):
+            raise ValueError(f"{self.display_name}: give both support_img and support_mask, or neither")
+        if support_img is not None:
+            self._check_support(support_img, support_mask, query_img)
+        return SegOutput(logits=self.segment_image(query_img), aux={})
+
+    def _check_support(self, support_img: torch.Tensor, support_mask: torch.Tensor, query_img: torch.Tensor) -> None:
+        if support_img.ndim != 4 or support_mask.ndim != 3:
+            raise ValueError(
+                f"{self.display_name}: support_img must be [S, C, H, W] and support_mask [S, H, W]; got "
+                f"{tuple(support_img.shape)} and {tuple(support_mask.shape)}"
+            )
+        expected: Tuple[int, ...] = (support_img.shape[0],) + tuple(support_img.shape[2:])
+        if tuple(support_mask.shape) != expected:
+            raise ValueError(
+                f"{self.display_name}: support_mask shape {tuple(support_mask.shape)} does not match "
+                f"support_img {tuple(support_img.shape)}"
+            )
+        if query_img.ndim == 4 and tuple(support_img.shape[1:]) != tuple(query_img.shape[1:]):
+            raise ValueError(
+                f"{self.display_name}: support {tuple(support_img.shape)} and query {tuple(query_img.shape)} "
+                f"differ in channels or size"
+            )
+
+    def _segment(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, in_channels={self.in_channels}, total_stride={self.total_stride}"
