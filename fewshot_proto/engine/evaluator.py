@@ -150,48 +150,61 @@ def evaluate(model: torch.nn.Module, dataset, specs: Sequence[Any], *, size: int
     slices those are: the organ's slab for ``alpnet``, the positive slices for ``adnet-ep1``, every slice for
     ``full-volume``) and compared with ``label == class`` on the same slices.
     """
-    from fewshot_proto.metrics import summarise, score_volume
-    from fewshot_proto.metrics.report import write_reports
+    from fewshot_proto.metrics import MetricTable
+    from fewshot_proto.metrics.report import write_report
 
     device = torch.device(device)
     label_names = label_names or getattr(dataset, "label_names", {}) or {}
-    rows: List[Dict[str, Any]] = []
+    table = MetricTable(class_names=label_names)
     overlay_items = []
     n_slices = 0
     t0 = time.perf_counter()
     for spec, prob, vol in predict_specs(model, dataset, specs, size=size, device=device, precision=precision,
                                          channels_last=channels_last, batch_size=batch_size, progress=progress):
         zs = np.asarray(spec.query_z, dtype=int)
-        pred = prob >= 0.5
-        truth = vol.label[zs] == int(spec.class_id)
+        pred = np.zeros(vol.label.shape, dtype=bool)
+        pred[zs] = prob >= 0.5
+        truth = vol.label == int(spec.class_id)
         n_slices += len(zs)
-        row = score_volume(pred, truth, spacing=vol.spacing, distances=distances)
-        row.update({"fold": int(getattr(spec, "fold", 0)), "scan": str(spec.query_scan),
-                    "class": int(spec.class_id),
-                    "class_name": str(label_names.get(int(spec.class_id), spec.class_id)),
-                    "n_slices": int(len(zs)),
-                    "support": ",".join(str(s) for s, _ in spec.support)})
-        rows.append(row)
+        # overlap over exactly the protocol's slices; surface distances over their contiguous z-extent
+        # (slices in between that the protocol does not score hold no prediction)
+        row = table.add_prediction(pred, truth, scan=str(spec.query_scan), class_id=int(spec.class_id),
+                                   fold=int(getattr(spec, "fold", 0)), spacing=vol.spacing, zs=list(zs),
+                                   distances=False)
+        if distances:
+            from fewshot_proto.metrics.distance import surface_metrics
+
+            d = surface_metrics(pred, truth, vol.spacing, zs=slice(int(zs.min()), int(zs.max()) + 1))
+            row.hd95, row.assd = float(d["hd95"]), float(d["assd"])
+        row.extra["support"] = ";".join(f"{s}:{','.join(map(str, z))}" for s, z in spec.support)
         if out_dir is not None and overlays:
-            overlay_items.append((spec, pred, truth, vol))
+            overlay_items.append((spec, pred[zs], truth[zs], vol))
     elapsed = time.perf_counter() - t0
-    summary = summarise(rows)
-    n_classes = len({r["class"] for r in rows}) or 1
-    n_scans = len({r["scan"] for r in rows}) or 1
-    summary["timing"] = {
+    if len(table) == 0:
+        raise ValueError("evaluate: no episodes to score")
+    summary = table.summary()
+    n_classes = len(table.classes()) or 1
+    n_scans = len({r.scan for r in table.rows}) or 1
+    timing = {
         "seconds": elapsed,
         "query_slices": n_slices,
         "seconds_per_query_slice_per_class": elapsed / max(n_slices, 1),
         "seconds_per_volume": elapsed / n_scans,
         "seconds_per_volume_per_class": elapsed / (n_scans * n_classes),
     }
-    summary["meta"] = dict(meta or {})
+    meta = dict(meta or {}, timing=timing)
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_reports(summary, out_dir)
+        write_report(out_dir, table, meta, summary=summary)
         if overlays:
             _write_overlays(overlay_items, dataset, size, out_dir / "overlays")
+    summary = dict(summary)
+    summary["rows"] = [r.to_dict() for r in table.rows]
+    summary["mean_dice"] = float(summary["overall"]["dice"]["mean"])
+    summary["timing"] = timing
+    summary["meta"] = meta
+    summary["table"] = table
     return summary
 
 

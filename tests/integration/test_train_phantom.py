@@ -90,7 +90,7 @@ def test_cli_train_evaluate_predict(tmp_path, phantom_dataset, capsys):
     text = capsys.readouterr().out
     assert "Dice" in text and "mean" in text
     m = json.loads((out / "eval" / "metrics.json").read_text())
-    assert {r["class"] for r in m["rows"]} == {2, 3}
+    assert {r["class_id"] for r in m["rows"]} == {2, 3}
     assert (out / "eval" / "metrics.csv").exists() and (out / "eval" / "summary.md").exists()
     assert list((out / "eval" / "overlays").glob("*.png"))
 
