@@ -1,0 +1,399 @@
+"""Training episode samplers. Each owns an ``np.random.Generator`` (``self.rng``), never the global RNGs.
+
+- :class:`LabelledEpisodeSampler`: a training class, a support scan and a different query scan containing it,
+  slices at the same relative position within the organ's (allowed) slices, binary masks of that class.
+- :class:`SuperpixelEpisodeSampler`: SSL-ALPNet's self-supervision: one Felzenszwalb superpixel of a random
+  slice is the pseudo-label; support and query are two independent augmentations of that slice and mask.
+- :class:`MixedSampler`: picks one of several samplers per episode with fixed probabilities.
+- ``EpisodeStream``: a ``torch.utils.data.IterableDataset`` giving every (rank, DataLoader worker) its own
+  deterministic generator, so episodes can be prefetched by workers. torch is imported only when
+  ``EpisodeStream`` is first used.
+
+All samplers read ``self.rng`` at every draw, so a caller may replace it between episodes (the engine draws
+episode ``i`` with ``default_rng([seed, rank, i])``; :class:`MixedSampler` exposes its children as ``samplers``).
+
+Every sampler returns an :class:`~fewshot_proto.types.Episode` with float32 images ``[N, 3, size, size]``,
+support masks float32 ``[S, size, size]`` in {0, 1} and query masks int64 ``[Q, size, size]``; ``meta`` records
+``kind``, ``class_id``, ``support_scans``/``support_z`` (one entry per support slice), ``query_scan``,
+``query_z``, ``shots``.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from fewshot_proto.errors import ProtocolError
+from fewshot_proto.types import Episode, SliceIndex
+
+from .protocol import training_slices
+
+__all__ = ["LabelledEpisodeSampler", "SuperpixelEpisodeSampler", "MixedSampler", "EpisodeStream", "worker_seed",
+           "SliceCache"]
+
+
+def _check_rng(rng: Any, who: str) -> np.random.Generator:
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"{who}: rng must be a numpy.random.Generator (np.random.default_rng(seed)), "
+                        f"got {type(rng).__name__}")
+    return rng
+
+
+def _tile3(img2d: np.ndarray) -> np.ndarray:
+    """``[H, W]`` -> float32 ``[3, H, W]`` (grey value repeated for ImageNet-style encoders)."""
+    return np.repeat(np.asarray(img2d, dtype=np.float32)[None], 3, axis=0)
+
+
+class SliceCache:
+    """A small LRU cache of resized slices: ``(scan, z) -> (grey image [size, size] f32, label [size, size])``.
+
+    Decoding and resizing a slice costs far more than an episode's other bookkeeping, and training revisits the
+    same slices often. Volumes themselves are cached by the dataset (bounded LRU).
+    """
+
+    def __init__(self, dataset: Any, size: int, max_items: int = 256) -> None:
+        self.dataset = dataset
+        self.size = int(size)
+        self.max_items = max(0, int(max_items))
+        self._items: "OrderedDict[Tuple[str, int], Tuple[np.ndarray, Optional[np.ndarray]]]" = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, scan: str, z: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        key = (str(scan), int(z))
+        if key in self._items:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return self._items[key]
+        self.misses += 1
+        from fewshot_proto.data.transforms import prepare_slices
+
+        vol = self.dataset.load(key[0])
+        if not 0 <= key[1] < vol.n_slices:
+            raise ProtocolError(f"dataset {getattr(self.dataset, 'name', '?')!r}: scan {key[0]!r} has "
+                                f"{vol.n_slices} slices, asked for z={key[1]}")
+        img, lab = prepare_slices(vol, [key[1]], self.size, channels=1)
+        item = (np.ascontiguousarray(img[0, 0], dtype=np.float32), None if lab is None else np.asarray(lab[0]))
+        if self.max_items:
+            self._items[key] = item
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+        return item
+
+
+class _Augmenting:
+    """Shared augmentation helper: ``augment_pair`` on one grey slice + binary mask, driven by ``self.rng``."""
+
+    rng: np.random.Generator
+    augment: bool
+    augment_kwargs: Dict[str, Any]
+
+    def _pair(self, img2d: np.ndarray, mask2d: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Augmented ``(image [3,H,W] f32, mask [H,W] uint8 0/1)``; identical geometry on image and mask."""
+        m = (np.asarray(mask2d) > 0).astype(np.uint8)
+        if self.augment:
+            from fewshot_proto.data.augment import augment_pair
+
+            img2d, m = augment_pair(img2d, m, self.rng, **self.augment_kwargs)
+            m = (np.asarray(m) > 0.5).astype(np.uint8)
+        return _tile3(img2d), m
+
+
+class LabelledEpisodeSampler(_Augmenting):
+    """Episodes from ground-truth labels of the training scans.
+
+    Per episode: a training class ``c`` (uniform over the classes usable under the setting), a query scan and
+    ``shots`` support scans, all containing ``c`` in allowed slices, with the query scan different from every
+    support scan (support scans are distinct while enough scans exist, else drawn with replacement). One
+    relative position ``u ~ U[0, 1)`` picks, in each scan, the slice ``zs[int(u * len(zs))]`` of the sorted
+    allowed slices containing ``c`` (the organ's z-range restricted to what the setting allows). With
+    ``n_query > 1`` the query slices are the ``n_query`` consecutive allowed slices centred there.
+
+    Setting 1: every slice is allowed and test classes are background in the binary masks. Setting 2: slices
+    containing any test class are never used (:func:`~fewshot_proto.episodes.protocol.training_slices`).
+
+    Args:
+        dataset: the dataset (``load(scan) -> Volume``).
+        index: its SliceIndex.
+        train_scans: scans training may use (from ``fold_split``).
+        train_classes: classes to sample; must not overlap ``test_classes``.
+        setting, test_classes: see the protocol module.
+        shots, n_query: support and query slices per episode.
+        size: output size (slices are resized to ``size x size``).
+        augment: apply ``fewshot_proto.data.augment.augment_pair`` to each image independently.
+        rng: the sampler's generator.
+        min_fg_pixels: re-draw (up to ``max_tries`` times) an episode whose support or query masks end up with
+            fewer foreground pixels than this after resizing and augmentation.
+        augment_kwargs: passed to ``augment_pair``.
+        cache_slices: resized slices kept in the sampler's LRU cache.
+    """
+
+    def __init__(self, dataset: Any, index: SliceIndex, train_scans: Sequence[str], train_classes: Sequence[int], *,
+                 setting: int, test_classes: Sequence[int], shots: int = 1, n_query: int = 1, size: int = 256,
+                 augment: bool = True, rng: np.random.Generator, min_fg_pixels: int = 1, max_tries: int = 20,
+                 augment_kwargs: Optional[Mapping[str, Any]] = None, cache_slices: int = 256) -> None:
+        self.rng = _check_rng(rng, "LabelledEpisodeSampler")
+        if int(shots) < 1 or int(n_query) < 1:
+            raise ValueError(f"shots and n_query must be >= 1, got shots={shots}, n_query={n_query}")
+        self.dataset, self.index = dataset, index
+        self.setting = int(setting)
+        self.test_classes = [int(c) for c in test_classes]
+        self.train_classes = [int(c) for c in train_classes]
+        clash = sorted(set(self.train_classes) & set(self.test_classes))
+        if clash:
+            raise ProtocolError(f"dataset {index.dataset!r}: classes {clash} are both training and test classes")
+        self.train_scans = [str(s) for s in train_scans]
+        unknown = [s for s in self.train_scans if s not in index.n_slices]
+        if unknown:
+            raise ProtocolError(f"dataset {index.dataset!r} has no scan(s) {unknown}")
+        self.shots, self.n_query, self.size = int(shots), int(n_query), int(size)
+        self.augment = bool(augment)
+        self.augment_kwargs = dict(augment_kwargs or {})
+        self.min_fg_pixels, self.max_tries = int(min_fg_pixels), max(1, int(max_tries))
+        # class -> scan -> allowed slices containing the class (ascending)
+        self.candidates: Dict[int, Dict[str, List[int]]] = {}
+        for c in self.train_classes:
+            per_scan = {}
+            for s in self.train_scans:
+                zs = training_slices(index, s, self.setting, self.test_classes, train_classes=[c])
+                if zs:
+                    per_scan[s] = zs
+            if len(per_scan) >= 2:
+                self.candidates[c] = per_scan
+        if not self.candidates:
+            raise ProtocolError(
+                f"dataset {index.dataset!r}: no training class among {self.train_classes} appears in allowed slices "
+                f"of at least two training scans (setting {self.setting}, test classes {self.test_classes}, "
+                f"{len(self.train_scans)} training scans)"
+            )
+        self.classes = sorted(self.candidates)
+        self.cache = SliceCache(dataset, self.size, cache_slices)
+
+    def _draw(self) -> Tuple[int, List[Tuple[str, int]], str, List[int]]:
+        rng = self.rng
+        c = int(self.classes[rng.integers(len(self.classes))])
+        scans = list(self.candidates[c])
+        q = scans[rng.integers(len(scans))]
+        others = [s for s in scans if s != q]
+        pick = rng.choice(len(others), size=self.shots, replace=len(others) < self.shots)
+        u = float(rng.random())
+        support = []
+        for i in pick:
+            zs = self.candidates[c][others[int(i)]]
+            support.append((others[int(i)], zs[min(int(u * len(zs)), len(zs) - 1)]))
+        qz_all = self.candidates[c][q]
+        centre = min(int(u * len(qz_all)), len(qz_all) - 1)
+        start = min(max(centre - (self.n_query - 1) // 2, 0), max(len(qz_all) - self.n_query, 0))
+        qz = [qz_all[min(start + j, len(qz_all) - 1)] for j in range(self.n_query)]
+        return c, support, q, qz
+
+    def sample(self) -> Episode:
+        """One labelled episode (see the class docstring)."""
+        for attempt in range(self.max_tries):
+            c, support, q, qz = self._draw()
+            s_img, s_mask, q_img, q_mask = [], [], [], []
+            for scan, z in support:
+                img, lab = self.cache.get(scan, z)
+                a, m = self._pair(img, lab == c)
+                s_img.append(a)
+                s_mask.append(m)
+            for z in qz:
+                img, lab = self.cache.get(q, z)
+                a, m = self._pair(img, lab == c)
+                q_img.append(a)
+                q_mask.append(m)
+            fg = min(int(m.sum()) for m in s_mask + q_mask)
+            if fg >= self.min_fg_pixels or attempt == self.max_tries - 1:
+                break
+        return Episode(
+            support_img=np.stack(s_img), support_mask=np.stack(s_mask).astype(np.float32),
+            query_img=np.stack(q_img), query_mask=np.stack(q_mask).astype(np.int64), class_id=int(c),
+            meta={"kind": "labelled", "class_id": int(c), "setting": self.setting, "shots": self.shots,
+                  "support_scans": [s for s, _ in support], "support_z": [int(z) for _, z in support],
+                  "support_scan": support[0][0], "query_scan": q, "query_z": [int(z) for z in qz],
+                  "tries": attempt + 1},
+        )
+
+
+class SuperpixelEpisodeSampler(_Augmenting):
+    """SSL-ALPNet-style self-supervised episodes from superpixel pseudo-labels.
+
+    Per episode: a scan (uniform over scans with allowed slices), a slice (uniform over its allowed slices),
+    Felzenszwalb superpixels of the resized slice and one random superpixel as the pseudo-label
+    (``fewshot_proto.data.superpixel.superpixel_pseudolabel``). The ``shots`` support images and ``n_query``
+    query images are independent augmentations of that slice and mask. Slices where no usable superpixel is
+    found are re-drawn (up to ``max_tries``).
+
+    Args:
+        dataset: the dataset (labels are not used, only images).
+        scans: scans training may use.
+        allowed_slices: ``{scan: [z, ...]}`` usable slices (Setting 2: without test classes); ``None`` allows
+            every slice of every scan.
+        size, rng, shots, n_query, augment, augment_kwargs, cache_slices: as for the labelled sampler.
+        superpixel_kwargs: ``scale``, ``sigma``, ``min_size`` go to ``superpixels`` (Felzenszwalb; its result and
+            the body mask are cached per slice), the rest (``min_pixels``, ``min_inside``) to
+            ``superpixel_pseudolabel``.
+    """
+
+    def __init__(self, dataset: Any, scans: Sequence[str], allowed_slices: Optional[Mapping[str, Sequence[int]]] = None,
+                 *, size: int = 256, rng: np.random.Generator, shots: int = 1, n_query: int = 1, augment: bool = True,
+                 superpixel_kwargs: Optional[Mapping[str, Any]] = None, max_tries: int = 20,
+                 augment_kwargs: Optional[Mapping[str, Any]] = None, cache_slices: int = 256) -> None:
+        self.rng = _check_rng(rng, "SuperpixelEpisodeSampler")
+        if int(shots) < 1 or int(n_query) < 1:
+            raise ValueError(f"shots and n_query must be >= 1, got shots={shots}, n_query={n_query}")
+        self.dataset = dataset
+        self.size, self.shots, self.n_query = int(size), int(shots), int(n_query)
+        self.augment = bool(augment)
+        self.augment_kwargs = dict(augment_kwargs or {})
+        self.superpixel_kwargs = dict(superpixel_kwargs or {})
+        seg_keys = ("scale", "sigma", "min_size")
+        self._seg_kwargs = {k: v for k, v in self.superpixel_kwargs.items() if k in seg_keys}
+        self._pick_kwargs = {k: v for k, v in self.superpixel_kwargs.items() if k not in seg_keys}
+        self._seg_cache: "OrderedDict[Tuple[str, int], Tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+        self._seg_cache_size = max(0, int(cache_slices))
+        self.max_tries = max(1, int(max_tries))
+        name = getattr(dataset, "name", "?")
+        self.slices: Dict[str, List[int]] = {}
+        for s in scans:
+            s = str(s)
+            if allowed_slices is None:
+                zs = list(range(self._n_slices(s)))
+            else:
+                zs = sorted(int(z) for z in allowed_slices.get(s, []))
+            if zs:
+                self.slices[s] = zs
+        if not self.slices:
+            raise ProtocolError(f"dataset {name!r}: no allowed slice in any of the {len(scans)} training scans")
+        self.scans = list(self.slices)
+        self.cache = SliceCache(dataset, self.size, cache_slices)
+
+    def _segments(self, scan: str, z: int, img: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Felzenszwalb superpixels and body mask of a slice (deterministic, so cached per slice)."""
+        key = (scan, z)
+        if key in self._seg_cache:
+            self._seg_cache.move_to_end(key)
+            return self._seg_cache[key]
+        from fewshot_proto.data.superpixel import body_mask, superpixels
+
+        item = (superpixels(img, **self._seg_kwargs), body_mask(img))
+        if self._seg_cache_size:
+            self._seg_cache[key] = item
+            while len(self._seg_cache) > self._seg_cache_size:
+                self._seg_cache.popitem(last=False)
+        return item
+
+    def _n_slices(self, scan: str) -> int:
+        index = self.dataset.slice_index() if hasattr(self.dataset, "slice_index") else None
+        if index is not None and scan in index.n_slices:
+            return int(index.n_slices[scan])
+        return int(self.dataset.load(scan).n_slices)
+
+    def sample(self) -> Episode:
+        """One superpixel episode (see the class docstring)."""
+        from fewshot_proto.data.superpixel import superpixel_pseudolabel
+
+        rng = self.rng
+        scan, z = "", -1
+        mask = None
+        for attempt in range(self.max_tries):
+            scan = self.scans[rng.integers(len(self.scans))]
+            zs = self.slices[scan]
+            z = int(zs[rng.integers(len(zs))])
+            img, _ = self.cache.get(scan, z)
+            segments, body = self._segments(scan, z, img)
+            mask = superpixel_pseudolabel(img, rng, segments=segments, body=body, **self._pick_kwargs)
+            if mask is not None and np.any(mask):
+                break
+        if mask is None or not np.any(mask):
+            raise ProtocolError(
+                f"dataset {getattr(self.dataset, 'name', '?')!r}: no usable superpixel found in {self.max_tries} "
+                f"random slices (last: scan {scan!r} z={z}); check the images or superpixel_kwargs"
+            )
+        pairs = [self._pair(img, mask) for _ in range(self.shots + self.n_query)]
+        s, q = pairs[: self.shots], pairs[self.shots:]
+        return Episode(
+            support_img=np.stack([a for a, _ in s]), support_mask=np.stack([m for _, m in s]).astype(np.float32),
+            query_img=np.stack([a for a, _ in q]), query_mask=np.stack([m for _, m in q]).astype(np.int64),
+            class_id=-1,
+            meta={"kind": "superpixel", "class_id": -1, "shots": self.shots, "support_scans": [scan] * self.shots,
+                  "support_z": [z] * self.shots, "support_scan": scan, "query_scan": scan,
+                  "query_z": [z] * self.n_query, "tries": attempt + 1},
+        )
+
+
+class MixedSampler:
+    """Draws each episode from ``samplers[i]`` with probability ``probs[i]`` (chosen with ``self.rng``)."""
+
+    def __init__(self, samplers: Sequence[Any], probs: Sequence[float], rng: np.random.Generator) -> None:
+        self.rng = _check_rng(rng, "MixedSampler")
+        if len(samplers) == 0 or len(samplers) != len(probs):
+            raise ValueError(f"MixedSampler needs one probability per sampler, got {len(samplers)} samplers and "
+                             f"{len(probs)} probabilities")
+        p = np.asarray(probs, dtype=float)
+        if (p < 0).any() or not np.isfinite(p).all() or p.sum() <= 0:
+            raise ValueError(f"MixedSampler probabilities must be >= 0 with a positive sum, got {list(probs)}")
+        self.samplers = list(samplers)
+        self.probs = p / p.sum()
+
+    def sample(self) -> Episode:
+        i = int(self.rng.choice(len(self.samplers), p=self.probs))
+        ep = self.samplers[i].sample()
+        ep.meta["sampler"] = i
+        return ep
+
+
+def worker_seed(seed: int, rank: int = 0, worker_id: int = 0) -> np.random.SeedSequence:
+    """The seed sequence of one (rank, DataLoader worker): a hash of ``(seed, rank, worker_id)``."""
+    return np.random.SeedSequence([int(seed), int(rank), int(worker_id)])
+
+
+_STREAM_CLASS: Optional[type] = None
+
+
+def _episode_stream_class() -> type:
+    """Build ``EpisodeStream`` (a torch ``IterableDataset``) on first use, so importing this module skips torch."""
+    global _STREAM_CLASS
+    if _STREAM_CLASS is not None:
+        return _STREAM_CLASS
+    from torch.utils.data import IterableDataset, get_worker_info
+
+    class EpisodeStream(IterableDataset):
+        """Endless (or ``n_episodes``-long) stream of episodes for ``DataLoader(stream, batch_size=None, ...)``.
+
+        Each iterator builds its own sampler with ``sampler_factory(rng)``, where ``rng`` is seeded with
+        :func:`worker_seed` ``(seed, rank, worker_id)``: workers and ranks draw different but reproducible
+        episodes. With ``n_episodes`` the total is split across workers (the first ones take the remainder).
+        Use ``collate_fn=lambda x: x`` (or ``batch_size=None``) to receive ``Episode`` objects unchanged.
+        """
+
+        def __init__(self, sampler_factory: Callable[[np.random.Generator], Any], seed: int, rank: int = 0,
+                     n_episodes: Optional[int] = None) -> None:
+            super().__init__()
+            self.sampler_factory = sampler_factory
+            self.seed, self.rank = int(seed), int(rank)
+            self.n_episodes = None if n_episodes is None else int(n_episodes)
+
+        def __iter__(self):
+            info = get_worker_info()
+            wid, nw = (0, 1) if info is None else (int(info.id), int(info.num_workers))
+            rng = np.random.default_rng(worker_seed(self.seed, self.rank, wid))
+            sampler = self.sampler_factory(rng)
+            if self.n_episodes is None:
+                while True:
+                    yield sampler.sample()
+            base, extra = divmod(self.n_episodes, nw)
+            for _ in range(base + (1 if wid < extra else 0)):
+                yield sampler.sample()
+
+    EpisodeStream.__module__ = __name__
+    EpisodeStream.__qualname__ = "EpisodeStream"
+    _STREAM_CLASS = EpisodeStream
+    return EpisodeStream
+
+
+def __getattr__(name: str) -> Any:
+    if name == "EpisodeStream":
+        return _episode_stream_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
