@@ -1,0 +1,171 @@
+"""The main few-shot model: ResNet-34 encoder + CWPA at the bottleneck + U-Net decoder (DESIGN.md section 3).
+
+    model = build_model("cwpa_unet")                       # random init; weights="imagenet" reads the hub cache
+    out = model(support_img, support_mask, query_img)      # [S,3,H,W], [S,H,W], [Q,3,H,W]
+    out.logits                                              # [Q, 2, H, W] (background, foreground)
+
+Evaluation can reuse the support side across many queries::
+
+    feats_s = model.encode(support_img)
+    protos = model.prototypes(feats_s, support_mask)       # [N_pro, 512], once per support
+    logits = model.segment(model.encode(query_img), protos)
+
+``forward`` contains no loss and no flags; the engine computes losses from ``SegOutput.aux``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Union
+
+import torch
+from torch import nn
+
+from fewshot_proto.models import MODELS
+from fewshot_proto.models.decoders.unet import UNetDecoder
+from fewshot_proto.models.encoders.base import build_encoder
+from fewshot_proto.models.prototype import CWPA
+from fewshot_proto.types import SegOutput
+
+__all__ = ["CWPAUNet", "cwpa_unet"]
+
+
+class CWPAUNet(nn.Module):
+    """ResNet-34 (dilated layer4) + correlation-weighted prototype aggregation + U-Net decoder.
+
+    Args:
+        encoder: registered encoder name (``"resnet34"``); its last two maps must share a resolution.
+        weights: encoder weights: ``None`` (default), ``"imagenet"`` (local torch hub cache only) or a path.
+        tau: threshold on the pooled support mask for local prototypes.
+        temperature: softmax temperature of the aggregation.
+        num_classes: K output channels (2: background, foreground).
+        use_background: also use background local prototypes.
+        in_channels: image channels (3: grey tiled to RGB).
+
+    Attributes:
+        kind: ``"fewshot"`` (supervised baselines say ``"supervised"``).
+        config: the builder kwargs; ``build_model("cwpa_unet", **model.config)`` rebuilds the architecture.
+            ``config["weights"]`` is always ``None``: initial weights are not part of the architecture (a
+            checkpoint's state dict replaces them) and rebuilding must not need the ImageNet file.
+        init_weights: the ``weights`` argument actually used to initialise the encoder (provenance).
+
+    Shapes: S support slices, Q query slices, (H, W) input size (a multiple of ``encoder.input_multiple``, 16),
+    D = 512, (h, w) = (H/16, W/16).
+    """
+
+    kind = "fewshot"
+
+    def __init__(
+        self,
+        encoder: str = "resnet34",
+        weights: Union[None, str, Path] = None,
+        tau: float = 0.5,
+        temperature: float = 0.1,
+        num_classes: int = 2,
+        use_background: bool = False,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        self.config: Dict[str, Any] = {
+            "encoder": encoder,
+            "weights": None,
+            "tau": float(tau),
+            "temperature": float(temperature),
+            "num_classes": int(num_classes),
+            "use_background": bool(use_background),
+            "in_channels": int(in_channels),
+        }
+        self.init_weights = None if weights is None else str(weights)
+        self.encoder = build_encoder(encoder, in_channels=in_channels, weights=weights, dilate_last=True)
+        red = self.encoder.reductions
+        if len(red) < 2 or red[-1] != red[-2]:
+            raise ValueError(
+                f"CWPAUNet: encoder {encoder!r} must return its last two feature maps at the same resolution "
+                f"(reductions {red})"
+            )
+        self.cwpa = CWPA(tau=tau, temperature=temperature, use_background=use_background)
+        d = self.encoder.out_channels[-1]
+        self.decoder = UNetDecoder(self.encoder.out_channels, in_channels=2 * d, num_classes=num_classes)
+
+    # ---- steps (the engine relies on these names) -------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """``x[B, C, H, W]`` -> encoder features fine to coarse ``[F1, ..., F5]`` (``ValueError`` on a bad size)."""
+        self.encoder.check_input_shape(x)
+        return self.encoder(x)
+
+    def prototypes(self, support_feats: List[torch.Tensor], support_mask: torch.Tensor) -> torch.Tensor:
+        """Support features (list from ``encode``) and ``support_mask[S, H, W]`` -> prototype bag ``[N_pro, D]``."""
+        return self.cwpa.prototypes(support_feats[-1], support_mask)
+
+    def segment(self, query_feats: List[torch.Tensor], prototypes: torch.Tensor) -> torch.Tensor:
+        """Query features (list from ``encode``) and ``prototypes[N_pro, D]`` -> logits ``[Q, K, H, W]``."""
+        enhanced = self.cwpa(query_feats[-1], prototypes)  # [Q, 2D, h, w]
+        return self.decoder(enhanced, list(query_feats[:-1]))
+
+    # ---- the one forward ----------------------------------------------------------------------------------
+    def forward(self, support_img: torch.Tensor, support_mask: torch.Tensor, query_img: torch.Tensor) -> SegOutput:
+        """One episode.
+
+        Args:
+            support_img: ``[S, C, H, W]``.
+            support_mask: ``[S, H, W]`` foreground mask (float; soft values allowed).
+            query_img: ``[Q, C, H, W]``.
+
+        Returns:
+            ``SegOutput(logits[Q, K, H, W], aux)`` with ``aux["query_feat"]`` F5 of the query ``[Q, D, h, w]``,
+            ``aux["support_feat"]`` F5 of the support ``[S, D, h, w]``, ``aux["prototypes"]`` ``[N_pro, D]``, and
+            the full pyramids ``aux["query_feats"]`` / ``aux["support_feats"]`` (lists, fine to coarse) so that
+            losses (cyclic consistency) can reuse them instead of re-encoding.
+        """
+        if support_img.ndim != 4 or query_img.ndim != 4:
+            raise ValueError(
+                f"CWPAUNet: images must be [N,C,H,W]; got support {tuple(support_img.shape)}, "
+                f"query {tuple(query_img.shape)}"
+            )
+        if support_img.shape[1:] != query_img.shape[1:]:
+            raise ValueError(
+                f"CWPAUNet: support {tuple(support_img.shape)} and query {tuple(query_img.shape)} differ in "
+                f"channels or size"
+            )
+        if support_mask.shape != (support_img.shape[0],) + tuple(support_img.shape[2:]):
+            raise ValueError(
+                f"CWPAUNet: support_mask {tuple(support_mask.shape)} does not match support_img "
+                f"{tuple(support_img.shape)} (expected [S,H,W])"
+            )
+        s = support_img.shape[0]
+        feats = self.encode(torch.cat([support_img, query_img], dim=0))  # one batched pass
+        support_feats = [f[:s] for f in feats]
+        query_feats = [f[s:] for f in feats]
+        protos = self.prototypes(support_feats, support_mask)
+        logits = self.segment(query_feats, protos)
+        return SegOutput(
+            logits=logits,
+            aux={
+                "query_feat": query_feats[-1],
+                "support_feat": support_feats[-1],
+                "prototypes": protos,
+                "query_feats": query_feats,
+                "support_feats": support_feats,
+            },
+        )
+
+
+@MODELS.register("cwpa_unet")
+def cwpa_unet(
+    encoder: str = "resnet34",
+    weights: Union[None, str, Path] = None,
+    tau: float = 0.5,
+    temperature: float = 0.1,
+    num_classes: int = 2,
+    use_background: bool = False,
+    in_channels: int = 3,
+) -> CWPAUNet:
+    """Build ``CWPAUNet`` (registered as ``"cwpa_unet"``); the kwargs are stored in ``model.config``."""
+    return CWPAUNet(
+        encoder=encoder,
+        weights=weights,
+        tau=tau,
+        temperature=temperature,
+        num_classes=num_classes,
+        use_background=use_background,
+        in_channels=in_channels,
+    )

@@ -1,0 +1,104 @@
+"""ResNet-34 encoder: the contract (shapes, reductions), dilation, weights handling, input-size check."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fewshot_proto.models.encoders import ENCODERS, ResNet34Encoder, build_encoder, nearest_valid_sizes
+
+
+@pytest.fixture(scope="module")
+def enc() -> ResNet34Encoder:
+    torch.manual_seed(0)
+    return build_encoder("resnet34").eval()
+
+
+def test_registry_lists_resnet34(enc):
+    assert "resnet34" in ENCODERS.names()
+    with pytest.raises(KeyError, match="resnet34"):
+        build_encoder("resnet999")
+
+
+def test_feature_shapes_256(enc):
+    with torch.no_grad():
+        feats = enc(torch.randn(1, 3, 256, 256))
+    assert [tuple(f.shape[1:]) for f in feats] == [
+        (64, 128, 128), (64, 64, 64), (128, 32, 32), (256, 16, 16), (512, 16, 16)
+    ]
+    assert enc.out_channels == (64, 64, 128, 256, 512)
+    assert enc.reductions == (2, 4, 8, 16, 16)
+    assert enc.output_stride == 16 and enc.input_multiple == 16
+
+
+def test_contract_matches_shapes_at_64(enc):
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        feats = enc(x)
+    for f, c, r in zip(feats, enc.out_channels, enc.reductions):
+        assert tuple(f.shape) == (2, c, 64 // r, 96 // r)
+
+
+def test_layer4_is_dilated_not_strided(enc):
+    first = enc.layer4[0]
+    assert first.conv1.stride == (1, 1) and first.downsample[0].stride == (1, 1)
+    for block in enc.layer4:
+        for conv in (block.conv1, block.conv2):
+            assert conv.dilation == (2, 2) and conv.padding == (2, 2)
+
+
+def test_undilated_variant_has_stride_32():
+    e = ResNet34Encoder(dilate_last=False).eval()
+    with torch.no_grad():
+        f5 = e(torch.randn(1, 3, 64, 64))[-1]
+    assert tuple(f5.shape) == (1, 512, 2, 2) and e.output_stride == 32
+
+
+def test_parameter_count_is_torchvision_resnet34_without_fc(enc):
+    # torchvision resnet34: 21,797,672 parameters, of which fc holds 512*1000 + 1000 = 513,000.
+    assert sum(p.numel() for p in enc.parameters()) == 21_797_672 - 513_000
+
+
+def test_invalid_input_size_suggests_valid_sizes(enc):
+    with pytest.raises(ValueError, match=r"multiples of 16.*96x96 or 112x112"):
+        enc.check_input_shape(torch.zeros(1, 3, 100, 100))
+    with pytest.raises(ValueError, match="input channels"):
+        enc.check_input_shape(torch.zeros(1, 1, 64, 64))
+    assert nearest_valid_sizes(100, 32) == (96, 128)
+    assert nearest_valid_sizes(5, 16) == (16, 16)
+
+
+def test_imagenet_weights_missing_raises_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="resnet34-b627a593.pth"):
+        ResNet34Encoder(weights="imagenet")
+
+
+def test_weights_from_path_roundtrip_and_one_channel_adaptation(tmp_path, enc):
+    from torchvision.models import resnet34
+
+    torch.manual_seed(1)
+    tv = resnet34(weights=None)
+    path = tmp_path / "r34.pth"
+    torch.save(tv.state_dict(), path)
+    e3 = ResNet34Encoder(weights=path)
+    assert torch.equal(e3.layer3[2].conv2.weight, tv.layer3[2].conv2.weight)
+    # 1-channel: a grey image gives the same features as the RGB encoder on the grey image tiled to RGB.
+    e1 = ResNet34Encoder(in_channels=1, weights=path).eval()
+    e3.eval()
+    g = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        f1, f3 = e1(g)[-1], e3(g.repeat(1, 3, 1, 1))[-1]
+    torch.testing.assert_close(f1, f3, rtol=1e-4, atol=1e-4)
+    # the encoder's own state dict (1 channel) loads back as well
+    p1 = tmp_path / "e1.pth"
+    torch.save(e1.state_dict(), p1)
+    assert torch.equal(ResNet34Encoder(in_channels=1, weights=p1).conv1.weight, e1.conv1.weight)
+
+
+def test_bad_weights_raise(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ResNet34Encoder(weights=tmp_path / "nope.pth")
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv1.weight": torch.zeros(3, 3)}, bad)
+    with pytest.raises(ValueError, match="do not fit"):
+        ResNet34Encoder(weights=bad)
