@@ -192,7 +192,8 @@ def episode_losses(model, s_img, s_mask, q_img, q_mask, *, lambda_align: float, 
         terms["align"] = al
         loss = loss + lambda_align * al
     if lambda_cyc > 0 and getattr(core, "kind", "fewshot") == "fewshot" and hasattr(core, "prototypes"):
-        cy = cyclic_consistency_loss(core, s_img, s_mask, q_img, out.logits)
+        cy = cyclic_consistency_loss(core, s_img, s_mask, q_img, out.logits,
+                                     query_feats=out.aux.get("query_feats"), support_feats=out.aux.get("support_feats"))
         terms["cyc"] = cy
         loss = loss + lambda_cyc * cy
     terms["loss"] = loss

@@ -4,7 +4,7 @@ Every model is an ``nn.Module`` with ``forward(support_img, support_mask, query_
 (supervised baselines ignore the support) and is registered by name in ``MODELS``.
 
     from fewshot_proto.models import build_model, list_models
-    model = build_model("cwpa_unet", pretrained=None)
+    model = build_model("cwpa_unet", weights=None)
 """
 from __future__ import annotations
 
