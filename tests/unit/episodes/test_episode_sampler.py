@@ -182,3 +182,24 @@ def test_materialise_support_and_query(ds):
     bad = type(spec).from_dict({**spec.to_dict(), "support": [[spec.support[0][0], [0, 1, 2]]], "shots": 1})
     with pytest.raises(ProtocolError, match="no class"):
         load_support(bad, ds, S)
+
+
+def test_slice_cache_fills_per_scan_and_is_bounded(ds):
+    from fewshot_proto.episodes.sampler import SliceCache
+
+    cache = SliceCache(ds, S, wanted={"1": [0, 1, 2, 3]}, max_mb=64)
+    img, lab = cache.get("1", 2)
+    np.testing.assert_allclose(img, ds.load("1").image[2], atol=1e-5)
+    np.testing.assert_array_equal(lab, ds.load("1").label[2])
+    for z in (0, 1, 3):
+        cache.get("1", z)
+    assert (cache.misses, cache.hits) == (1, 3)  # one decode filled every wanted slice of the scan
+    per_slice = S * S * (4 + 2)  # float32 image + int16 label
+    assert cache.nbytes == 4 * per_slice
+    tiny = SliceCache(ds, S, wanted={"1": list(range(12))}, max_mb=2.5 * per_slice / 2 ** 20)
+    img, _ = tiny.get("1", 7)
+    assert tiny.nbytes <= 2.5 * per_slice
+    tiny.get("1", 7)
+    assert tiny.hits == 1  # the requested slice survived eviction
+    with pytest.raises(ProtocolError, match="12 slices"):
+        tiny.get("1", 12)
