@@ -6,8 +6,8 @@ Measures, with the public API only:
 
 1. ``SliceIndex`` over the MSD Hippocampus training set (260 scans, labels only): *cold* = a fresh dataset object
    and an empty cache folder (every label file decoded; the OS file cache may already hold the files), *warm* =
-   a fresh dataset object reading the JSON cache
-   written by the cold run (file stats checked, no label decoded), *memory* = the same object asked again.
+   a fresh dataset object reading the JSON cache written by the cold run (file stats checked, no label
+   decoded), *memory* = the same object asked again.
 2. Training episodes per second at ``size x size`` with augmentation, for the labelled and the superpixel samplers
    (fold 0, Setting 2, test classes {2, 3}), on the built-in phantoms and on CHAOS-T2 when present. *cold* =
    ``--episodes`` episodes from a fresh sampler (volumes decoded, slices resized, superpixels computed as they
