@@ -62,12 +62,13 @@ def build_training_sampler(cfg: ExperimentConfig, dataset, index, train_scans: L
                              f"held out (classes: {index.classes})")
         return LabelledEpisodeSampler(dataset, index, train_scans, train_classes, setting=p.setting,
                                       test_classes=test, shots=e.shots, n_query=e.n_query, size=cfg.data.size,
-                                      augment=e.augment, rng=rng)
+                                      augment=e.augment, rng=rng, min_fg_pixels=e.min_fg_pixels)
 
     def superpixel():
         allowed = {s: training_slices(index, s, p.setting, test) for s in train_scans}
         return SuperpixelEpisodeSampler(dataset, train_scans, allowed, size=cfg.data.size, rng=rng,
-                                        shots=e.shots, n_query=e.n_query, augment=e.augment)
+                                        shots=e.shots, n_query=e.n_query, augment=e.augment,
+                                        superpixel_kwargs={"scale": e.superpixel_scale})
 
     if e.mode == "labelled":
         return labelled()

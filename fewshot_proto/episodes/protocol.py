@@ -8,10 +8,12 @@ MedIA 2022) and its descendants (Q-Net, RPT, ...) use a variant ("EP1"). This mo
 Folds (:func:`alpnet_folds`, :func:`fold_split`)
     Scan ids are sorted in natural order and cut into ``n_folds`` contiguous folds (CHAOS-T2: 20 scans ->
     ``[0:4] [4:8] ... [16:20]``, SSL-ALPNet's ``_SEP``). When the count does not divide evenly the first
-    ``len % n_folds`` folds get one scan more. For query fold ``f`` the ``k`` support scans are the first
-    ``k`` scans of fold ``f+1`` (circular). Support scans are never queries and never trained on; the
-    training scans are all the others. ``k`` may not exceed the size of the next fold (SSL-ALPNet's circular
-    slice would silently spill into the fold after; here that is a :class:`ProtocolError`).
+    ``len % n_folds`` folds get one scan more. For query fold ``f`` the ``k`` support scans are the ``k``
+    scans that follow the fold in circular order: the first ``k`` of fold ``f+1``, and when ``k`` exceeds
+    that fold's size the next ones from fold ``f+2`` (SSL-ALPNet's circular indexing does the same; here it
+    is the documented rule, so 5-shot works with 4 scans per fold). Support scans are never queries and
+    never trained on; the training scans are all the others. ``k`` may not exceed the number of scans
+    outside the query fold (:class:`ProtocolError`).
 
 Support slices (:func:`support_slice_positions`)
     For ``n_part`` chunks, chunk ``p`` takes the support organ's slice at relative position
@@ -97,7 +99,7 @@ ABDOMEN_TEST_GROUPS: Dict[str, Tuple[int, ...]] = {"kidneys": (2, 3), "liver_spl
 # --------------------------------------------------------------------------------------------- data types
 @dataclass(frozen=True)
 class FoldSplit:
-    """The scans of one fold: queries, supports (first ``shots`` scans of the next fold), training scans."""
+    """The scans of one fold: queries, supports (the ``shots`` scans after the fold, circular), training scans."""
 
     query_scans: List[str]
     support_scans: List[str]
@@ -219,22 +221,21 @@ def fold_split(index: SliceIndex, fold: int, n_folds: int = 5, shots: int = 1) -
     """Query, support and training scans of ``fold`` (see the module docstring for the rule).
 
     Raises:
-        ProtocolError: bad ``fold`` / ``shots``, or the next fold has fewer than ``shots`` scans.
+        ProtocolError: bad ``fold`` / ``shots``, or fewer than ``shots`` scans outside the query fold.
     """
     folds = alpnet_folds(index.scan_ids, n_folds)
     if not 0 <= int(fold) < n_folds:
         raise ProtocolError(f"dataset {index.dataset!r}: fold {fold} out of range 0..{n_folds - 1}")
     if int(shots) < 1:
         raise ProtocolError(f"shots must be >= 1, got {shots}")
-    nxt = folds[(int(fold) + 1) % n_folds]
-    if shots > len(nxt):
+    after = [s for k in range(1, n_folds) for s in folds[(int(fold) + k) % n_folds]]
+    if shots > len(after):
         raise ProtocolError(
-            f"dataset {index.dataset!r}: {shots}-shot evaluation of fold {fold} needs {shots} support scans from "
-            f"fold {(fold + 1) % n_folds}, which has only {len(nxt)} ({nxt}); use at most {len(nxt)} shots or "
-            f"fewer folds"
+            f"dataset {index.dataset!r}: {shots}-shot evaluation of fold {fold} needs {shots} support scans "
+            f"outside the query fold, but only {len(after)} exist; use at most {len(after)} shots"
         )
     query = list(folds[int(fold)])
-    support = list(nxt[: int(shots)])
+    support = list(after[: int(shots)])
     excluded = set(query) | set(support)
     train = [s for s in index.scan_ids if s not in excluded]
     return FoldSplit(query_scans=query, support_scans=support, train_scans=train)

@@ -70,9 +70,15 @@ def test_fold_sweep_invariants(shots):
     assert sorted(seen) == sorted(CHAOS_IDS) and len(seen) == len(set(seen))  # each scan queried once
 
 
-def test_five_shot_impossible_with_four_scans_per_fold():
-    with pytest.raises(ProtocolError, match="5-shot.*only 4"):
-        fold_split(make_index(), 0, 5, shots=5)
+def test_five_shot_spills_into_the_fold_after_next():
+    idx = make_index()
+    folds = alpnet_folds(idx.scan_ids, 5)
+    for f in range(5):
+        sp = fold_split(idx, f, 5, shots=5)
+        assert sp.support_scans == folds[(f + 1) % 5] + folds[(f + 2) % 5][:1]
+        assert not set(sp.support_scans) & (set(sp.query_scans) | set(sp.train_scans))
+    with pytest.raises(ProtocolError, match="17-shot.*only 16"):
+        fold_split(idx, 0, 5, shots=17)
 
 
 # -------------------------------------------------------------------------------------- support slices
