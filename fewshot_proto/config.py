@@ -118,6 +118,7 @@ class TrainConfig:
     """Optimisation, checkpoints and hardware for a training run."""
 
     iters: int = 1000
+    max_seconds: Optional[float] = None  # wall-time budget: stop early (and checkpoint) once exceeded
     optimizer: str = "sgd"  # sgd | adam | adamw
     lr: float = 1e-3
     momentum: float = 0.9

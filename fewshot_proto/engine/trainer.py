@@ -381,6 +381,8 @@ def train(cfg: ExperimentConfig, *, resume: Optional[str | Path] = None, progres
                     bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", s_per_ep=f"{np.median(step_times[-20:]):.2f}")
             if t_cfg.ckpt_every and step % t_cfg.ckpt_every == 0:
                 checkpoint(step)
+            if t_cfg.max_seconds is not None and now - t_start >= t_cfg.max_seconds:
+                break
     except BaseException:
         if step > start:
             checkpoint(step)
