@@ -1,0 +1,38 @@
+"""Shared pytest fixtures for fewshot_proto (keep small; add fixtures as areas need them)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: real volumes for development (read only; absent on a fresh machine -> tests using it skip)
+REAL_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """``<repo>/../shared/data`` (CHAOS-T2 and MSD hippocampus), or skip the test when it is absent."""
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real data folder {REAL_DATA} not present")
+    return REAL_DATA
+
+
+def _write_nifti(path: Path | str, array: np.ndarray, affine: Optional[np.ndarray] = None) -> Path:
+    import nibabel as nib
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.asarray(array)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    nib.save(nib.Nifti1Image(arr, np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)), str(path))
+    return path
+
+
+@pytest.fixture
+def write_nifti() -> Callable[..., Path]:
+    """``write_nifti(path, array, affine=None) -> path``: save ``array`` as NIfTI (dtype kept, bool -> uint8)."""
+    return _write_nifti
