@@ -19,6 +19,7 @@ MODELS = Registry("model")
 _MODEL_MODULES: List[str] = [
     "fewshot_proto.models.fewshot",
     "fewshot_proto.models.baselines",
+    "fewshot_proto.models.fsbaselines",
 ]
 _loaded = False
 

@@ -1,0 +1,241 @@
+"""ALPNet (Ouyang, Biffi, Chen, Kart, Qiu & Rueckert, "Self-supervision with Superpixels: Training Few-shot Medical
+Image Segmentation without Annotation", ECCV 2020; the network of SSL-ALPNet), reimplemented on the ResNet-34
+encoder shared by every model in fewshot_proto.
+
+Adaptive local prototype pooling (SSL-ALPNet ``alpmodule.MultiProtoAsConv`` and ``grid_proto_fewshot``):
+
+1. Features: F5 of the dilated ResNet-34 (512 @ 1/16) through a bias-free 1x1 convolution to ``proj_dim`` = 256
+   channels (SSL-ALPNet reduces its ResNet-101's 2048 channels to 256 the same way; ``proj_dim=None`` skips it).
+2. The support mask is brought to the feature grid (``frac[S, 1, h, w]``: the fraction of each cell's pixels that
+   are foreground, by area pooling).
+3. Local prototypes: features and ``frac`` are average-pooled with an ``L x L`` window (stride ``L``); every
+   window whose pooled foreground fraction exceeds ``fg_thresh`` (0.95) gives a local foreground prototype, every
+   window whose pooled background fraction (``1 - frac``) exceeds ``bg_thresh`` (0.95) a local background one.
+4. Global prototypes: per support slice, the masked average of the features under ``frac``.
+5. Foreground bag: if some ``window x window`` cell of ``frac`` reaches ``fg_thresh`` (SSL-ALPNet's gate, always
+   evaluated with the training window), the local foreground prototypes plus the per-slice global ones
+   (SSL-ALPNet's ``gridconv+``); otherwise the single global prototype averaged over the slices (``mask`` mode,
+   i.e. PANet). Background bag: the local background prototypes only (SSL-ALPNet's ``gridconv``).
+6. Score of each class: ``sum_j softmax_j(d) d_j`` with ``d_j = 20 cos(f_q, P_j)`` over the class's prototypes,
+   at feature resolution, upsampled bilinearly to the input size (``common.class_score``).
+
+Window sizes (adapted to stride 16). SSL-ALPNet works on 32x32 features (stride 8, 256 input) and pools with 4x4
+windows in training and 2x2 windows at test time (``val_wsize=2``): windows of 32x32 and 16x16 *pixels*. On our
+16x16 F5 the same pixel extents are ``window=2`` (training, module in ``train()`` mode) and ``eval_window=1``
+(``eval()`` mode: every F5 cell is a candidate). The window follows ``self.training`` like dropout or batch
+norm: no flag in ``forward``. The 8x8 grid of training windows per 256x256 slice is SSL-ALPNet's
+``proto_grid_size = 8``.
+
+Differences from SSL-ALPNet, all for robustness, none changing the method on ordinary inputs:
+
+* the mask is area-pooled to the feature grid (SSL-ALPNet resizes it bilinearly, which at a 16x reduction only
+  samples a few pixels per cell and can miss small organs), so "fraction of the window" is exact;
+* a background bag with no local prototype falls back to the global background prototype (SSL-ALPNet would
+  score the background 0 everywhere);
+* in the ``gridconv+`` bag, global prototypes of support slices whose mask is empty are left out (they are zero
+  vectors and would only pull the soft maximum towards 0);
+* the prototype alignment loss applied by the engine is PANet's (global prototypes from the predicted query
+  mask); SSL-ALPNet runs its own local-prototype classifier in reverse for that loss.
+
+The SSL-ALPNet recipe has no cyclic loss: a faithful run sets ``train.lambda_cyc: 0`` (the model supports the
+engine's cyclic loss nevertheless).
+
+    model = build_model("alpnet")
+    out = model(support_img, support_mask, query_img)   # logits [Q, 2, H, W]
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from fewshot_proto.models import MODELS
+from fewshot_proto.models.fsbaselines.common import ClassPrototypes, PrototypeSegmenter
+
+__all__ = ["ALPNet", "mask_fraction", "local_prototypes", "alpnet_prototypes", "alpnet"]
+
+
+def mask_fraction(mask: torch.Tensor, size: tuple) -> torch.Tensor:
+    """``mask[S, H, W]`` -> ``frac[S, 1, h, w]``: the mean mask value of the pixels of every feature cell."""
+    return F.adaptive_avg_pool2d(mask.float().unsqueeze(1), (int(size[0]), int(size[1])))
+
+
+def local_prototypes(feat: torch.Tensor, frac: torch.Tensor, window: int, thresh: float) -> torch.Tensor:
+    """Window-pooled feature vectors of the windows whose pooled ``frac`` is strictly above ``thresh``.
+
+    Args:
+        feat: ``[S, D, h, w]``.
+        frac: ``[S, 1, h, w]`` per-cell class fraction (``mask_fraction``).
+        window: ``L``: non-overlapping ``L x L`` windows (stride ``L``; trailing cells that do not fill a window
+            are dropped, as ``nn.AvgPool2d`` does in SSL-ALPNet).
+        thresh: selection threshold on the pooled fraction.
+
+    Returns:
+        ``[N, D]`` (``N`` may be 0), slice by slice in row-major window order.
+    """
+    h, w = int(feat.shape[-2]), int(feat.shape[-1])
+    if window > h or window > w:
+        raise ValueError(
+            f"local_prototypes: pooling window {window} does not fit the {h}x{w} feature map; "
+            f"use larger inputs or a smaller window"
+        )
+    pf = F.avg_pool2d(feat, window)  # [S, D, h', w']
+    pm = F.avg_pool2d(frac, window)[:, 0]  # [S, h', w']
+    return pf.permute(0, 2, 3, 1)[pm > thresh]
+
+
+def _global(feat: torch.Tensor, frac: torch.Tensor, eps: float) -> tuple:
+    """Per-slice masked averages ``[S, D]`` and mask sums ``[S]``."""
+    den = frac.sum(dim=(1, 2, 3))  # [S]
+    num = torch.einsum("sdhw,shw->sd", feat, frac[:, 0].to(feat.dtype))
+    return num / (den + eps).to(num.dtype)[:, None], den
+
+
+def alpnet_prototypes(
+    feat: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    window: int,
+    gate_window: int,
+    fg_thresh: float = 0.95,
+    bg_thresh: float = 0.95,
+    eps: float = 1e-5,
+) -> ClassPrototypes:
+    """ALPNet's background and foreground prototype bags (steps 2-5 of the module docstring).
+
+    Args:
+        feat: ``[S, D, h, w]`` support features.
+        mask: ``[S, H, W]`` foreground mask (binary or soft), H and W multiples of h and w.
+        window: local pooling window in feature cells.
+        gate_window: window of the foreground gate (SSL-ALPNet: the training window, also at test time).
+        fg_thresh: selection threshold of local foreground windows (and of the gate).
+        bg_thresh: selection threshold of local background windows.
+        eps: added to the mask sums of the global prototypes.
+
+    Returns:
+        ``ClassPrototypes(bg[N_bg, D], fg[N_fg, D])`` with ``N_bg, N_fg >= 1``.
+    """
+    frac = mask_fraction(mask, feat.shape[-2:])  # [S, 1, h, w]
+    g_fg, den_fg = _global(feat, frac, eps)
+    # the gate window is clamped to the feature map (tiny inputs); the local windows are not (they raise)
+    gate_w = min(int(gate_window), int(feat.shape[-2]), int(feat.shape[-1]))
+    gate = bool((F.avg_pool2d(frac, gate_w).amax() >= fg_thresh).item())
+    if gate:
+        local_fg = local_prototypes(feat, frac, window, fg_thresh)
+        fg = torch.cat([local_fg, g_fg[den_fg > 0]], dim=0)
+    else:
+        fg = g_fg.mean(dim=0, keepdim=True)
+    bg = local_prototypes(feat, 1.0 - frac, window, bg_thresh)
+    if bg.shape[0] == 0:
+        g_bg, _ = _global(feat, 1.0 - frac, eps)
+        bg = g_bg.mean(dim=0, keepdim=True)
+    return ClassPrototypes(bg=bg, fg=fg)
+
+
+class ALPNet(PrototypeSegmenter):
+    """SSL-ALPNet's ALPNet on the shared ResNet-34 encoder (see the module docstring).
+
+    Args:
+        encoder: registered encoder name (``"resnet34"``).
+        weights: encoder weights: ``None`` (default), ``"imagenet"`` (local torch hub cache only) or a path.
+        in_channels: image channels (3: grey tiled to RGB).
+        proj_dim: output channels of the 1x1 projection of F5 (256, as SSL-ALPNet), ``None`` for F5 as it is.
+        scaler: cosine multiplier (20).
+        window: local pooling window in F5 cells in ``train()`` mode (2 = 32 px, SSL-ALPNet's 4 x stride 8).
+        eval_window: window in ``eval()`` mode (1 = 16 px, SSL-ALPNet's ``val_wsize=2`` x stride 8).
+        fg_thresh: foreground window threshold (0.95).
+        bg_thresh: background window threshold (0.95).
+
+    Attributes:
+        kind: ``"fewshot"``; ``config``: the builder kwargs (``weights`` always ``None``); ``init_weights``.
+
+    Shapes: S support slices, Q query slices, (H, W) input (multiples of 16), D = ``proj_dim`` (or 512),
+    (h, w) = (H/16, W/16). ``prototypes`` returns ``ClassPrototypes(bg[N_bg, D], fg[N_fg, D])``.
+    Parameters: the encoder's 21,284,672 + ``512 * proj_dim`` (131,072 for 256).
+    """
+
+    def __init__(
+        self,
+        encoder: str = "resnet34",
+        weights: Union[None, str, Path] = None,
+        in_channels: int = 3,
+        proj_dim: Optional[int] = 256,
+        scaler: float = 20.0,
+        window: int = 2,
+        eval_window: int = 1,
+        fg_thresh: float = 0.95,
+        bg_thresh: float = 0.95,
+    ) -> None:
+        super().__init__("ALPNet", encoder, weights, in_channels, proj_dim, scaler)
+        for name, value in (("window", window), ("eval_window", eval_window)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ALPNet: {name} must be a positive integer, got {value!r}")
+        for name, value in (("fg_thresh", fg_thresh), ("bg_thresh", bg_thresh)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"ALPNet: {name} must be in [0, 1), got {value!r}")
+        self.window = int(window)
+        self.eval_window = int(eval_window)
+        self.fg_thresh = float(fg_thresh)
+        self.bg_thresh = float(bg_thresh)
+        self.config = {
+            "encoder": encoder,
+            "weights": None,
+            "in_channels": int(in_channels),
+            "proj_dim": proj_dim,
+            "scaler": float(scaler),
+            "window": self.window,
+            "eval_window": self.eval_window,
+            "fg_thresh": self.fg_thresh,
+            "bg_thresh": self.bg_thresh,
+        }
+
+    @property
+    def current_window(self) -> int:
+        """``window`` in ``train()`` mode, ``eval_window`` in ``eval()`` mode."""
+        return self.window if self.training else self.eval_window
+
+    def prototypes(self, support_feats: List[torch.Tensor], support_mask: torch.Tensor) -> ClassPrototypes:
+        """Support features (from ``encode``) and ``support_mask[S, H, W]`` -> ``ClassPrototypes`` bags."""
+        feat = self._support_inputs(support_feats, support_mask)
+        return alpnet_prototypes(
+            feat,
+            support_mask,
+            window=self.current_window,
+            gate_window=self.window,
+            fg_thresh=self.fg_thresh,
+            bg_thresh=self.bg_thresh,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"scaler={self.scaler}, feature_dim={self.feature_dim}, window={self.window}, "
+            f"eval_window={self.eval_window}, fg_thresh={self.fg_thresh}, bg_thresh={self.bg_thresh}"
+        )
+
+
+@MODELS.register("alpnet")
+def alpnet(
+    encoder: str = "resnet34",
+    weights: Union[None, str, Path] = None,
+    in_channels: int = 3,
+    proj_dim: Optional[int] = 256,
+    scaler: float = 20.0,
+    window: int = 2,
+    eval_window: int = 1,
+    fg_thresh: float = 0.95,
+    bg_thresh: float = 0.95,
+) -> ALPNet:
+    """Build ``ALPNet`` (registered as ``"alpnet"``); the kwargs are stored in ``model.config``."""
+    return ALPNet(
+        encoder=encoder,
+        weights=weights,
+        in_channels=in_channels,
+        proj_dim=proj_dim,
+        scaler=scaler,
+        window=window,
+        eval_window=eval_window,
+        fg_thresh=fg_thresh,
+        bg_thresh=bg_thresh,
+    )

@@ -1,0 +1,387 @@
+"""Fine-tune-on-support: the simplest few-shot baseline (DESIGN.md section 4, "the fine-tune variant").
+
+A segmentation network pretrained on the training classes (the *base*) is copied for every episode; the copy is
+trained for a few steps on the support slices of the new class (random flips as augmentation) and then segments
+the query. The base weights are never touched (learn2learn's ``clone()`` / ``adapt()`` idea, here a
+``copy.deepcopy`` of the base per support set).
+
+How it is trained: it is not, episodically. ``FineTuneOnSupport`` has no parameters of its own; its only
+parameters are the base's, which are pretrained separately (for example ``unet`` trained on labelled slices of
+the training classes) and loaded with ``checkpoint=<path>``. The base must be binary (two logits: background,
+foreground). A multi-class pretrained network (``classes=[...]``, ``1 + K`` logits) is used with
+``reinit_head=True``: the base is built binary and every checkpoint tensor whose shape does not fit (the output
+layer) keeps its fresh initialisation, the classical "pretrain on the base classes, fine-tune a new binary head
+and the whole network on the support" baseline. A forward in ``train()`` mode adapts a copy exactly
+as in ``eval()`` mode; gradients of a loss on its output reach only that discarded copy, so running the episodic
+trainer on ``finetune`` changes nothing (it is allowed so that every registered model goes through the same
+harness). ``kind`` is ``"fewshot"`` because it needs the support; ``supports_cyclic = False`` because it has no
+prototype steps.
+
+Adaptation details (deterministic: the flips come from a generator seeded with ``seed`` at every call):
+
+* the copy is adapted in ``eval()`` mode: batch-norm layers keep the base's running statistics and dropout is
+  off (a handful of support slices would otherwise overwrite the statistics);
+* every step uses all S support slices, each flipped left-right and/or up-down with probability 1/2;
+* loss on the two logits ``[bg, fg]``: ``"dice_bce"`` (0.8 soft Dice + 0.2 BCE on ``z = fg - bg``, which is the
+  foreground softmax's logit), ``"ce"`` or ``"dice"`` (soft Dice of the foreground softmax);
+* optimiser: Adam (or SGD with momentum 0.9), ``steps`` steps at ``lr``, in float32 with autocast off;
+* a supervised base (with ``segment_image``) is trained as ``segment_image(flipped support) -> support mask``;
+  a few-shot base as the episode ``(support, support mask, flipped support) -> flipped support mask``
+  (support and query made from the same slices, like SSL-ALPNet's self-supervised episodes).
+
+It works under ``torch.inference_mode()`` (the evaluator wraps everything in it): the adaptation runs inside
+``torch.inference_mode(False)`` + ``torch.enable_grad()`` on clones of the inputs; the query is then segmented
+in the caller's mode. In ``eval()`` mode without grad the adapted copy of the last support set is kept (one
+entry, keyed by the support tensors and the base weights' identity and version counters), so the evaluator's
+batches of query slices from the same support chunk adapt once.
+
+    model = build_model("finetune", base="unet", base_kwargs={"base_channels": 64}, checkpoint="unet.pt")
+    out = model(support_img, support_mask, query_img)   # logits [Q, 2, H, W]
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from fewshot_proto.errors import CheckpointError
+from fewshot_proto.losses.ce import weighted_cross_entropy
+from fewshot_proto.losses.dice import dice_bce_loss, dice_loss
+from fewshot_proto.models import MODELS, build_model
+from fewshot_proto.models.fsbaselines.common import check_episode
+from fewshot_proto.types import SegOutput
+
+__all__ = ["FineTuneOnSupport", "LOSSES", "OPTIMIZERS", "read_base_checkpoint", "finetune"]
+
+LOSSES = ("dice_bce", "ce", "dice")
+OPTIMIZERS = ("adam", "sgd")
+
+
+def read_base_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Optional[str], Optional[dict]]:
+    """Read base weights with ``torch.load(weights_only=True)``.
+
+    Accepts a fewshot_proto checkpoint (``{"model": state, "model_name": ..., "model_config": ...}``), a
+    ``{"state_dict": state}`` file or a bare state dict.
+
+    Returns:
+        ``(state_dict, model_name or None, model_config or None)``.
+
+    Raises:
+        CheckpointError: missing, unreadable or not a state dict (the message names the file).
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"finetune: base checkpoint {p} does not exist")
+    try:
+        obj: Any = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt files, foreign pickles refused by the weights-only unpickler
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"finetune: cannot read base checkpoint {p} ({type(e).__name__}: {first})") from None
+    name: Optional[str] = None
+    config: Optional[dict] = None
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        name = obj.get("model_name")
+        config = obj.get("model_config")
+        obj = obj["model"]
+    elif isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"finetune: base checkpoint {p} does not contain a state dict")
+    return dict(obj), name, (dict(config) if isinstance(config, Mapping) else None)
+
+
+def _flip(x: torch.Tensor, m: torch.Tensor, flips: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Flip slice ``i`` of ``x[S, C, H, W]`` and ``m[S, H, W]``: left-right if ``flips[i, 0]``, up-down if
+    ``flips[i, 1]`` (``flips`` is ``[S, 2]`` of 0/1)."""
+    xs, ms = [], []
+    for i in range(x.shape[0]):
+        dims = [d for d, f in zip((-1, -2), flips[i].tolist()) if f]
+        xs.append(torch.flip(x[i], dims) if dims else x[i])
+        ms.append(torch.flip(m[i], dims) if dims else m[i])
+    return torch.stack(xs), torch.stack(ms)
+
+
+class FineTuneOnSupport(nn.Module):
+    """Adapt a copy of a pretrained segmentation network on the support, then segment the query with it.
+
+    Args:
+        base: registered model name of the network to adapt (``"unet"`` by default; any supervised baseline, or a
+            few-shot model).
+        base_kwargs: builder kwargs of the base. ``None``: the ``model_config`` stored in ``checkpoint`` when it
+            is a fewshot_proto checkpoint, else the base's defaults.
+        steps: adaptation steps per support set (0: the base as it is).
+        lr: learning rate of the adaptation.
+        checkpoint: path to pretrained base weights (read with ``weights_only=True``; a fewshot_proto checkpoint
+            of the base model, ``{"state_dict": ...}`` or a bare state dict). ``None``: the base's initialisation.
+        reinit_head: build the base binary (``classes=None`` when ``base_kwargs`` has ``classes``) and leave the
+            checkpoint tensors whose shapes do not fit (the output layer of a multi-class network) at their
+            initialisation; their names are in ``reinitialised``.
+        loss: ``"dice_bce"`` (default), ``"ce"`` or ``"dice"``.
+        optimizer: ``"adam"`` (default) or ``"sgd"`` (momentum 0.9).
+        flips: random left-right / up-down flips of the support at every step.
+        seed: seed of the flip generator (re-seeded at every call: same support -> same adapted copy).
+        cache_support: keep the adapted copy of the last support set in ``eval()`` mode without grad.
+
+    Attributes:
+        kind: ``"fewshot"``; ``supports_cyclic``: ``False``; ``base``: the pretrained network (the only
+            parameters; never modified by ``forward``); ``config``: builder kwargs (``checkpoint`` always ``None``:
+            a fewshot_proto checkpoint of this model holds the base weights in its state dict);
+            ``init_checkpoint``: the checkpoint actually read; ``reinitialised``: base state keys not taken from
+            it (``reinit_head``); ``adaptations``: number of adaptations run.
+
+    Shapes: ``forward(support_img[S, C, H, W], support_mask[S, H, W], query_img[Q, C, H, W])`` ->
+    ``SegOutput(logits[Q, 2, H, W], aux={})``.
+
+    Raises:
+        ValueError: bad arguments (unknown loss or optimiser, non-positive lr, negative steps, ``base="finetune"``),
+            or a multi-class base without ``reinit_head``.
+        CheckpointError: an unreadable checkpoint, one of another model, or weights that do not fit the base.
+    """
+
+    kind = "fewshot"
+    supports_cyclic = False
+
+    def __init__(
+        self,
+        base: str = "unet",
+        base_kwargs: Optional[Dict[str, Any]] = None,
+        steps: int = 20,
+        lr: float = 1e-3,
+        checkpoint: Union[None, str, Path] = None,
+        loss: str = "dice_bce",
+        optimizer: str = "adam",
+        flips: bool = True,
+        seed: int = 0,
+        cache_support: bool = True,
+        reinit_head: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, str) or base == "finetune":
+            raise ValueError(f"FineTuneOnSupport: base must be the name of another registered model, got {base!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"FineTuneOnSupport: steps must be an integer >= 0, got {steps!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not float(lr) > 0:
+            raise ValueError(f"FineTuneOnSupport: lr must be a positive number, got {lr!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"FineTuneOnSupport: loss must be one of {LOSSES}, got {loss!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"FineTuneOnSupport: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"FineTuneOnSupport: seed must be an integer, got {seed!r}")
+        if base_kwargs is not None and not isinstance(base_kwargs, Mapping):
+            raise ValueError(f"FineTuneOnSupport: base_kwargs must be a mapping or None, got {base_kwargs!r}")
+
+        state = None
+        if checkpoint is not None:
+            state, ck_name, ck_config = read_base_checkpoint(checkpoint)
+            if ck_name is not None and ck_name != base:
+                raise CheckpointError(
+                    f"finetune: checkpoint {checkpoint} holds model {ck_name!r}, not the base {base!r}"
+                )
+            if base_kwargs is None and ck_config is not None:
+                base_kwargs = ck_config
+        kwargs = dict(base_kwargs or {})
+        if reinit_head and kwargs.get("classes") is not None:
+            kwargs["classes"] = None
+        self.base = build_model(base, **kwargs)
+        classes = getattr(self.base, "classes", None)
+        if classes is not None and len(classes) > 1:
+            raise ValueError(
+                f"FineTuneOnSupport: base {base!r} segments {len(classes)} classes {list(classes)}; fine-tuning needs "
+                f"a binary base: pass reinit_head=True to build it binary and re-initialise its output layer"
+            )
+        self.reinitialised: List[str] = []
+        if state is not None:
+            self._load_base(state, checkpoint, partial=bool(reinit_head))
+        resolved = dict(getattr(self.base, "config", None) or base_kwargs or {})
+        self.init_checkpoint = None if checkpoint is None else str(checkpoint)
+        self.steps = int(steps)
+        self.lr = float(lr)
+        self.loss = loss
+        self.optimizer = optimizer
+        self.flips = bool(flips)
+        self.seed = int(seed)
+        self.cache_support = bool(cache_support)
+        self.adaptations = 0
+        self._cache: Optional[Tuple[Any, nn.Module]] = None
+        self.config: Dict[str, Any] = {
+            "base": base,
+            "base_kwargs": resolved,
+            "steps": self.steps,
+            "lr": self.lr,
+            "checkpoint": None,
+            "loss": loss,
+            "optimizer": optimizer,
+            "flips": self.flips,
+            "seed": self.seed,
+            "cache_support": self.cache_support,
+            "reinit_head": bool(reinit_head),
+        }
+
+    def _load_base(self, state: Dict[str, torch.Tensor], path: Union[str, Path], partial: bool) -> None:
+        """Load ``state`` into the base; ``partial``: skip (and record) tensors whose shapes do not fit."""
+        own = self.base.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or (shapes and not partial):
+            raise CheckpointError(
+                f"finetune: checkpoint {path} does not fit base {type(self.base).__name__} "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatches {shapes[:3]}); "
+                f"pass the base_kwargs it was trained with"
+                + ("" if partial else " (or reinit_head=True for a multi-class checkpoint)")
+            )
+        if partial and len(shapes) == len(own):
+            raise CheckpointError(f"finetune: no tensor of checkpoint {path} fits base {type(self.base).__name__}")
+        self.base.load_state_dict({k: (own[k] if k in shapes else v) for k, v in state.items()})
+        self.reinitialised = list(shapes)
+
+    # ---- adaptation ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _logits(net: nn.Module, s_img: torch.Tensor, s_mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``x[B, C, H, W]`` -> logits ``[B, 2, H, W]`` of ``net`` (a few-shot net gets the support too)."""
+        if hasattr(net, "segment_image"):
+            return net.segment_image(x)
+        return net(s_img, s_mask, x).logits
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.loss == "ce":
+            return weighted_cross_entropy(logits, target)
+        if self.loss == "dice":
+            return dice_loss(logits, target, softmax=True, include_background=False)
+        return dice_bce_loss(logits[:, 1] - logits[:, 0], target.float())
+
+    def _fingerprint(self, s_img: torch.Tensor) -> Optional[tuple]:
+        """Identity and version counters of the base's tensors, plus the support's shape/dtype/device."""
+        try:
+            tensors = list(self.base.parameters()) + list(self.base.buffers())
+            base = tuple((t.data_ptr(), t._version) for t in tensors)
+        except RuntimeError:  # tensors without a version counter (built under inference mode): no caching
+            return None
+        return base, tuple(s_img.shape), s_img.dtype, str(s_img.device)
+
+    def _cached(self, s_img: torch.Tensor, s_mask: torch.Tensor) -> Optional[nn.Module]:
+        if self._cache is None:
+            return None
+        (fp, img, mask), net = self._cache
+        if fp is None or fp != self._fingerprint(s_img):
+            return None
+        if img.shape != s_img.shape or mask.shape != s_mask.shape:
+            return None
+        if torch.equal(img, s_img) and torch.equal(mask, s_mask.float()):
+            return net
+        return None
+
+    def adapt(self, support_img: torch.Tensor, support_mask: torch.Tensor) -> nn.Module:
+        """A copy of ``base`` trained ``steps`` steps on the support (``base`` itself is not modified).
+
+        Args:
+            support_img: ``[S, C, H, W]`` (inference tensors allowed).
+            support_mask: ``[S, H, W]`` (> 0.5 is foreground).
+
+        Returns:
+            The adapted copy, in ``eval()`` mode. Only the base's trainable parameters are adapted; in the copy they
+            require grad only if grad mode was on at the call (parameters frozen in the base stay frozen).
+        """
+        outer_grad = torch.is_grad_enabled()
+        with torch.inference_mode(False), torch.enable_grad():
+            x = support_img.detach().clone()
+            m_soft = support_mask.detach().clone().float()
+            m = (m_soft > 0.5).long()
+            net = copy.deepcopy(self.base)
+            net.eval()
+            # parameters the base freezes (e.g. a pretrained MobileNetV2 encoder) stay frozen in the copy
+            params = [p for p in net.parameters() if p.requires_grad]
+            for p in net.parameters():
+                p.grad = None
+            if self.steps > 0 and params:
+                if self.optimizer == "adam":
+                    opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.lr)
+                else:
+                    opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+                g = torch.Generator().manual_seed(self.seed)
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    for _ in range(self.steps):
+                        flips = torch.randint(0, 2, (x.shape[0], 2), generator=g)
+                        if self.flips:
+                            xi, mi = _flip(x, m, flips)
+                        else:
+                            xi, mi = x, m
+                        loss = self._loss(self._logits(net, x, m_soft, xi), mi)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+            for p in params:
+                p.grad = None
+                p.requires_grad_(outer_grad)
+        self.adaptations += 1
+        return net
+
+    # ---- the one forward ----------------------------------------------------------------------------------
+    def forward(self, support_img: torch.Tensor, support_mask: torch.Tensor, query_img: torch.Tensor) -> SegOutput:
+        """Adapt a copy of the base on the support, segment the query with it.
+
+        Args:
+            support_img: ``[S, C, H, W]``.
+            support_mask: ``[S, H, W]`` foreground mask (> 0.5 is foreground).
+            query_img: ``[Q, C, H, W]``.
+
+        Returns:
+            ``SegOutput(logits[Q, 2, H, W], aux={})``.
+        """
+        check_episode("FineTuneOnSupport", support_img, support_mask, query_img)
+        use_cache = self.cache_support and not self.training and not torch.is_grad_enabled()
+        net = self._cached(support_img, support_mask) if use_cache else None
+        if net is None:
+            net = self.adapt(support_img, support_mask)
+            if use_cache:
+                key = (self._fingerprint(support_img), support_img.clone(), support_mask.float().clone())
+                self._cache = (key, net)
+        # the query is segmented in the caller's grad / inference mode
+        logits = self._logits(net, support_img, support_mask.float(), query_img)
+        return SegOutput(logits=logits, aux={})
+
+    def train(self, mode: bool = True) -> "FineTuneOnSupport":
+        """Switch mode and drop the cached adapted copy."""
+        self._cache = None
+        return super().train(mode)
+
+    def extra_repr(self) -> str:
+        return (
+            f"steps={self.steps}, lr={self.lr}, loss={self.loss!r}, optimizer={self.optimizer!r}, "
+            f"flips={self.flips}, seed={self.seed}, init_checkpoint={self.init_checkpoint!r}"
+        )
+
+
+@MODELS.register("finetune")
+def finetune(
+    base: str = "unet",
+    base_kwargs: Optional[Dict[str, Any]] = None,
+    steps: int = 20,
+    lr: float = 1e-3,
+    checkpoint: Union[None, str, Path] = None,
+    loss: str = "dice_bce",
+    optimizer: str = "adam",
+    flips: bool = True,
+    seed: int = 0,
+    cache_support: bool = True,
+    reinit_head: bool = False,
+) -> FineTuneOnSupport:
+    """Build ``FineTuneOnSupport`` (registered as ``"finetune"``); the kwargs are stored in ``model.config``."""
+    return FineTuneOnSupport(
+        base=base,
+        base_kwargs=base_kwargs,
+        steps=steps,
+        lr=lr,
+        checkpoint=checkpoint,
+        loss=loss,
+        optimizer=optimizer,
+        flips=flips,
+        seed=seed,
+        cache_support=cache_support,
+        reinit_head=reinit_head,
+    )
