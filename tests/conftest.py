@@ -36,3 +36,29 @@ def _write_nifti(path: Path | str, array: np.ndarray, affine: Optional[np.ndarra
 def write_nifti() -> Callable[..., Path]:
     """``write_nifti(path, array, affine=None) -> path``: save ``array`` as NIfTI (dtype kept, bool -> uint8)."""
     return _write_nifti
+
+
+@pytest.fixture(scope="session")
+def phantom_cache(tmp_path_factory) -> Path:
+    """A session-private cache folder (``$FEWSHOT_PROTO_CACHE``) holding the built-in phantoms, generated once."""
+    import os
+
+    from fewshot_proto.data.phantom import ensure_phantoms
+
+    folder = tmp_path_factory.mktemp("fewshot_cache")
+    old = os.environ.get("FEWSHOT_PROTO_CACHE")
+    os.environ["FEWSHOT_PROTO_CACHE"] = str(folder)
+    ensure_phantoms()
+    yield folder
+    if old is None:
+        os.environ.pop("FEWSHOT_PROTO_CACHE", None)
+    else:
+        os.environ["FEWSHOT_PROTO_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def phantom_dataset(phantom_cache):
+    """The built-in phantom dataset (``open_dataset()`` with no root), read from the session cache."""
+    from fewshot_proto.data import open_dataset
+
+    return open_dataset()

@@ -16,6 +16,7 @@ from fewshot_proto.data.readers import (
     default_cache_dir,
     detect_layout,
     open_dataset,
+    read_volume,
     write_prediction,
 )
 from fewshot_proto.data.superpixel import body_mask, superpixel_pseudolabel, superpixels
@@ -32,6 +33,7 @@ __all__ = [
     "detect_layout",
     "default_cache_dir",
     "write_prediction",
+    "read_volume",
     "build_slice_index",
     "slice_index_from_labels",
     "zscore",

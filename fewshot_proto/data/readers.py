@@ -379,21 +379,33 @@ class NiftiDataset(VolumeDataset):
     # -- internals ----------------------------------------------------------------------------------------------
     def _read(self, scan_id: str) -> Volume:
         ipath, lpath = self._files[scan_id]
-        img, lab = _open(ipath), _open(lpath)
-        shape, lshape = _shape3(img, ipath), _shape3(lab, lpath)
+        return self._read_files(scan_id, ipath, lpath)
+
+    def _read_files(self, scan_id: str, ipath: Path, lpath: Optional[Path]) -> Volume:
+        """Read one image (and its label unless ``lpath`` is None) into a normalised ``Volume``."""
+        img = _open(ipath)
+        shape = _shape3(img, ipath)
+        aff = np.asarray(img.affine, dtype=np.float64)
+        if lpath is None:
+            return self._volume(scan_id, img, ipath, shape, aff, None, None)
+        lab = _open(lpath)
+        lshape = _shape3(lab, lpath)
         if shape != lshape:
             raise DataError(
                 f"scan {scan_id!r}: shape mismatch, image {ipath} has shape {shape} but label {lpath} has "
                 f"shape {lshape}"
             )
-        aff, laff = np.asarray(img.affine, dtype=np.float64), np.asarray(lab.affine, dtype=np.float64)
+        laff = np.asarray(lab.affine, dtype=np.float64)
         if not np.allclose(aff, laff, atol=_AFFINE_TOL, rtol=0):
             raise DataError(
                 f"scan {scan_id!r}: affine mismatch, label {lpath} is not on the grid of image {ipath} "
                 f"(max abs difference {float(np.abs(aff - laff).max()):.4g})"
             )
+        return self._volume(scan_id, img, ipath, shape, aff, self._label_from(lab, lpath, shape), lpath)
+
+    def _volume(self, scan_id: str, img: Any, ipath: Path, shape: Tuple[int, int, int], aff: np.ndarray,
+                label: Optional[np.ndarray], lpath: Optional[Path]) -> Volume:
         raw = self._raw_from(img, ipath, shape)
-        label = self._label_from(lab, lpath, shape)
         if self.normalise == "ct" and self.ct_stats is None:
             self.compute_ct_stats()
         image = normalise_volume(raw, self.normalise, ct_window=self.ct_window, stats=self.ct_stats)
@@ -412,7 +424,7 @@ class NiftiDataset(VolumeDataset):
         return Volume(
             id=scan_id,
             image=np.ascontiguousarray(np.moveaxis(image, ax, 0)),
-            label=np.ascontiguousarray(np.moveaxis(label, ax, 0)),
+            label=None if label is None else np.ascontiguousarray(np.moveaxis(label, ax, 0)),
             spacing=spacing,  # type: ignore[arg-type]
             affine=aff,
             slice_axis=ax,
@@ -726,6 +738,46 @@ def dataset_from_config(cfg: Any) -> NiftiDataset:
         ct_window=None if cfg.ct_window is None else tuple(cfg.ct_window),
         cache_volumes=cfg.cache_volumes,
     )
+
+
+class _FileSet(NiftiDataset):
+    """A NiftiDataset over explicitly named files (used by :func:`read_volume`)."""
+
+    layout = "files"
+
+    def __init__(self, files: Dict[str, Tuple[Path, Optional[Path]]], **kw: Any) -> None:
+        self._given = files
+        first = next(iter(files.values()))[0]
+        super().__init__(first.parent, **kw)
+
+    def _discover(self) -> Dict[str, Tuple[Path, Path]]:
+        return self._given  # type: ignore[return-value]
+
+    def _read(self, scan_id: str) -> Volume:
+        ipath, lpath = self._files[scan_id]
+        return self._read_files(scan_id, ipath, lpath)
+
+
+def read_volume(image: PathLike, label: Optional[PathLike] = None, *, slice_axis: int = 2,
+                label_map: Optional[Mapping[int, int]] = None, drop_unmapped: bool = False,
+                normalise: str = "zscore", ct_window: Optional[Sequence[float]] = None,
+                ct_stats: Optional[Tuple[float, float]] = None) -> Volume:
+    """Read one NIfTI image (and optionally its label) with the same checks and normalisation as the datasets.
+
+    The returned ``Volume`` has ``label=None`` when no label is given (a query to segment). Errors name the file.
+    """
+    ipath = Path(image).expanduser()
+    lpath = None if label is None else Path(label).expanduser()
+    for p in (ipath, lpath):
+        if p is not None and not p.is_file():
+            raise DataError(f"{p}: file does not exist")
+    scan_id = re.sub(r"\.nii(\.gz)?$", "", ipath.name)
+    ds = _FileSet({scan_id: (ipath, lpath)}, slice_axis=slice_axis, label_map=label_map,
+                  drop_unmapped=drop_unmapped, normalise=normalise, ct_window=ct_window, cache_volumes=0,
+                  ct_stats=ct_stats)
+    if normalise == "ct" and ct_stats is None:
+        raise DataError(f"{ipath}: normalise='ct' needs the training set's ct_stats (mean, std) for a single file")
+    return ds.load(scan_id)
 
 
 def write_prediction(pred_zhw: np.ndarray, like: Volume, out_path: PathLike) -> Path:
