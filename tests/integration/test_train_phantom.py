@@ -31,8 +31,8 @@ def test_loss_falls_and_dice_beats_untrained(tmp_path, phantom_dataset):
     cfg = tiny_cfg(tmp_path / "run", **{"train.iters": 60, "train.lr": 1e-3, "train.warmup_iters": 5,
                                         "episodes.mode": "labelled", "protocol.test_classes": [2, 3],
                                         "protocol.setting": 1})
-    specs = protocol_specs(phantom_dataset, cfg.protocol)
-    # score on a training class (1, liver-like) too: the point here is that optimisation works end to end
+    # score a TRAINING class (1, liver-like): the point here is that optimisation works end to end
+    specs = protocol_specs(phantom_dataset, apply_overrides(cfg, {"protocol.test_classes": [1]}).protocol)
     untrained = build_model(cfg.model.name, **cfg.model.kwargs)
     base = evaluate(untrained, phantom_dataset, specs, size=64, distances=False)
     res = train(cfg, progress=False, dataset=phantom_dataset)
@@ -47,6 +47,7 @@ def test_loss_falls_and_dice_beats_untrained(tmp_path, phantom_dataset):
 def test_resume_is_bit_for_bit(tmp_path, phantom_dataset):
     full = train(tiny_cfg(tmp_path / "a"), progress=False, dataset=phantom_dataset)
     part = train(tiny_cfg(tmp_path / "b"), progress=False, dataset=phantom_dataset, stop_after=5)
+    assert (tmp_path / "b" / "checkpoint.pt").exists()
     assert part.steps == 5
     del part
     resumed = train(tiny_cfg(tmp_path / "b"), progress=False, dataset=phantom_dataset,

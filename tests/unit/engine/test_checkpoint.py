@@ -1,7 +1,7 @@
 """Checkpoints: atomic round trip, weights_only loading, clear errors for bad files."""
 from __future__ import annotations
 
-import pickle
+import argparse
 
 import pytest
 import torch
@@ -36,7 +36,7 @@ def test_round_trip_rebuilds_identical_model(tmp_path):
 
 def test_weights_only_refuses_foreign_objects(tmp_path):
     p = tmp_path / "evil.pt"
-    torch.save({"format": 1, "model_name": "unet", "model_config": {}, "model": {}, "x": pickle}, p)
+    torch.save({"format": 1, "model_name": "unet", "model_config": {}, "model": {}, "x": argparse.Namespace(a=1)}, p)
     with pytest.raises(CheckpointError, match=r"evil.pt.*weights_only"):
         load_checkpoint(p)
 
