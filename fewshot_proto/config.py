@@ -1,12 +1,15 @@
 """YAML <-> dataclasses. No logic in YAML: every key maps 1:1 onto a builder argument.
 
-An experiment file has up to five sections, each a dataclass below::
+An experiment file has up to six sections, each a dataclass below::
 
-    data:     {root: null, layout: auto, size: 256, ...}        -> DataConfig
-    model:    {name: cwpa_unet, kwargs: {tau: 0.5, ...}}          -> ModelConfig -> build_model(name, **kwargs)
-    episodes: {shots: 1, mode: mixed, ...}                        -> EpisodeConfig (training sampler)
-    protocol: {name: alpnet, setting: 2, test_classes: [2, 3]}   -> ProtocolConfig (evaluation)
-    train:    {iters: 1000, lr: 1e-3, ...}                        -> TrainConfig
+    data:       {root: null, layout: auto, size: 256, ...}        -> DataConfig
+    model:      {name: cwpa_unet, kwargs: {tau: 0.5, ...}}          -> ModelConfig -> build_model(name, **kwargs)
+    episodes:   {shots: 1, mode: mixed, ...}                        -> EpisodeConfig (few-shot training sampler)
+    protocol:   {name: alpnet, setting: 2, test_classes: [2, 3]}   -> ProtocolConfig (evaluation)
+    train:      {iters: 1000, lr: 1e-3, ...}                        -> TrainConfig
+    supervised: {n_labelled: null, batch_size: 8, ...}             -> SupervisedConfig (supervised baselines)
+
+A missing section takes its dataclass defaults.
 
 Unknown keys raise ``ConfigError`` naming the file, the section and the valid keys. Files are read with
 ``yaml.safe_load``. This module is core: no torch.
@@ -26,6 +29,7 @@ __all__ = [
     "EpisodeConfig",
     "ProtocolConfig",
     "TrainConfig",
+    "SupervisedConfig",
     "ExperimentConfig",
     "load_config",
     "save_config",
@@ -144,12 +148,56 @@ class TrainConfig:
 
 
 @dataclass
+class SupervisedConfig:
+    """Supervised training of the baselines (models whose ``kind`` is ``"supervised"``); few-shot models ignore it.
+
+    A supervised model is trained on the labelled TRAINING scans of the protocol's fold (``fold_split``: never
+    the query fold, never the support scans) with the protocol's TEST classes as its targets: one model whose
+    head has ``1 + len(test_classes)`` outputs (``model.classes == protocol.test_classes``). The other classes
+    are background. ``protocol.setting`` does not apply (it limits what the few-shot model sees of the test
+    classes; a supervised baseline is trained on them by design). ``train.*`` holds the optimiser, schedule,
+    steps (one step = one batch), seed and checkpoints, as for episodic training; ``train.ce_weights``,
+    ``lambda_align`` and ``lambda_cyc`` are episodic only.
+
+    n_labelled: how many labelled training scans to use; ``None``: all of them. Otherwise the first
+        ``n_labelled`` scans of a permutation of the fold's training scans (natural order) drawn with
+        ``numpy.random.default_rng(selection_seed)``; for a fixed seed the sets are nested (the 1-scan set is
+        inside the 2-scan set, ...). The chosen ids are written to ``<out>/labelled_scans.json``.
+    selection_seed: seed of that permutation (independent of ``train.seed``).
+    batch_size: slices per step.
+    fg_fraction: share of each batch forced to slices that contain at least one target class
+        (``floor(fg_fraction * batch_size + 0.5)`` slices); the rest are drawn uniformly from all slices of
+        the labelled scans, so the foreground share is at least this.
+    augment: random affine + elastic + gamma augmentation of every slice (``data.augment.augment_pair``).
+    dice_weight, ce_weight: loss = ``dice_weight * Dice + ce_weight * CE``. The head decides the terms:
+        softmax head: CE over the ``1 + K`` channels + soft Dice of the K class channels;
+        sigmoid head (the seeds' ResUpNet and MobileNet): per-class BCE + per-class soft Dice of the sigmoids.
+        0.8 / 0.2 are the seeds' Dice+BCE weights.
+    pos_weight: weight of foreground pixels in the cross-entropy (BCE ``pos_weight``; for a softmax head the
+        class weights ``[1, pos_weight, ..., pos_weight]``); ``None``: 1.
+    batch_dice: Dice over the whole batch per class (sums over all slices) instead of per slice; slices
+        without the class then do not each contribute a loss of ~1 for a few false-positive pixels.
+    """
+
+    n_labelled: Optional[int] = None
+    selection_seed: int = 0
+    batch_size: int = 8
+    fg_fraction: float = 0.5
+    augment: bool = True
+    dice_weight: float = 0.8
+    ce_weight: float = 0.2
+    pos_weight: Optional[float] = None
+    batch_dice: bool = True
+
+
+@dataclass
 class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
 
 
 def _type_ok(value: Any, tp: Any) -> bool:

@@ -8,9 +8,12 @@ No repeated work:
 - the query slices of a scan are encoded ONCE for all test classes (N-way) and batched;
 - support features/prototypes are computed once per (support scans, class, chunk slices), not per query slice;
 - everything runs under ``torch.inference_mode``.
-Models that expose ``encode / prototypes / segment`` (``CWPAUNet``) take this fast path; any other model is
-called through ``forward(support_img, support_mask, query_img)`` with the chunk's support and a batch of
-query slices.
+Models that expose ``encode / prototypes / segment`` (``CWPAUNet``) take this fast path. Supervised models
+that expose ``segment_image / to_binary`` (the baselines, which ignore the support) segment every query slice
+of a scan ONCE (``segment_image -> [Q, 1 + K, H, W]``) and each episode takes its class' two logits from that
+with ``to_binary(logits, spec.class_id)`` (the same numbers as ``binary_logits(x, class_id)``); no support is
+loaded. Any other model is called through ``forward(support_img, support_mask, query_img)`` with the chunk's
+support and a batch of query slices.
 """
 from __future__ import annotations
 
@@ -25,11 +28,32 @@ import torch.nn.functional as F
 
 from fewshot_proto.engine.runtime import autocast, to_memory_format
 
-__all__ = ["evaluate", "predict_specs", "has_fast_path"]
+__all__ = ["evaluate", "predict_specs", "has_fast_path", "has_image_path"]
 
 
 def has_fast_path(model: torch.nn.Module) -> bool:
     return all(hasattr(model, m) for m in ("encode", "prototypes", "segment"))
+
+
+def has_image_path(model: torch.nn.Module) -> bool:
+    """A support-free model scored per class from one segmentation: ``segment_image`` + ``to_binary``."""
+    return not has_fast_path(model) and all(hasattr(model, m) for m in ("segment_image", "to_binary"))
+
+
+def _check_model_classes(model: torch.nn.Module, specs: Sequence[Any]) -> None:
+    """Raise ``ProtocolError`` when the episodes ask for a class a supervised model was not trained for."""
+    from fewshot_proto.errors import ProtocolError
+
+    classes = getattr(model, "classes", None)
+    if classes is None:
+        return
+    asked = sorted({int(s.class_id) for s in specs})
+    missing = [c for c in asked if c not in set(int(c) for c in classes)]
+    if missing:
+        raise ProtocolError(
+            f"the model segments classes {list(classes)} (the test classes it was trained on), but the episodes "
+            f"ask for class(es) {missing}; evaluate it with --test-classes {','.join(map(str, classes))}"
+        )
 
 
 def _batched_encode(model, img: torch.Tensor, batch_size: int) -> List[torch.Tensor]:
@@ -63,6 +87,14 @@ def _support_key(spec) -> tuple:
     return (int(spec.class_id), tuple((str(s), tuple(int(z) for z in zs)) for s, zs in spec.support))
 
 
+def _at_volume_resolution(probs: torch.Tensor, vol, size: int) -> np.ndarray:
+    """``probs[Q, size, size]`` -> float32 numpy ``[Q, H0, W0]`` at the volume's in-plane size (bilinear)."""
+    h0, w0 = vol.image.shape[1:]
+    if (h0, w0) != (size, size):
+        probs = F.interpolate(probs[:, None], size=(h0, w0), mode="bilinear", align_corners=False)[:, 0]
+    return probs.cpu().numpy()
+
+
 @torch.inference_mode()
 def predict_specs(model: torch.nn.Module, dataset, specs: Sequence[Any], *, size: int,
                   device: torch.device, precision: str = "fp32", channels_last: bool = False,
@@ -76,6 +108,9 @@ def predict_specs(model: torch.nn.Module, dataset, specs: Sequence[Any], *, size
 
     model.eval()
     fast = has_fast_path(model)
+    image_path = has_image_path(model)
+    if image_path:
+        _check_model_classes(model, specs)
     cache = _SupportCache()
     groups: "OrderedDict[str, List[Any]]" = OrderedDict()
     for spec in specs:
@@ -94,11 +129,24 @@ def predict_specs(model: torch.nn.Module, dataset, specs: Sequence[Any], *, size
         q_img = to_memory_format(torch.from_numpy(np.ascontiguousarray(q_img_np)).to(device), channels_last)
         row_of = {z: i for i, z in enumerate(zs_all)}
         q_feats = None
+        q_logits = None
         if fast:
             with autocast(device, precision):
                 q_feats = _batched_encode(model, q_img, batch_size)
+        elif image_path:  # [N, 1 + K, s, s]: every query slice segmented once for all classes
+            with autocast(device, precision):
+                q_logits = torch.cat([model.segment_image(q_img[i:i + batch_size])
+                                      for i in range(0, q_img.shape[0], batch_size)])
 
         for spec in group:
+            if image_path:
+                r = torch.as_tensor([row_of[int(z)] for z in spec.query_z], device=device, dtype=torch.long)
+                with autocast(device, precision):
+                    logits = model.to_binary(q_logits.index_select(0, r), int(spec.class_id))
+                probs = torch.softmax(logits.float(), dim=1)[:, 1]
+                yield spec, _at_volume_resolution(probs, vol, size), vol
+                continue
+
             def make_support(spec=spec):
                 s_img, s_mask = load_support(spec, dataset, size)  # [shots, n_part, 3, s, s], [shots, n_part, s, s]
                 s_img = torch.from_numpy(np.ascontiguousarray(s_img)).to(device)
@@ -132,10 +180,7 @@ def predict_specs(model: torch.nn.Module, dataset, specs: Sequence[Any], *, size
                             s_img_k, s_mask_k = per_chunk[k]
                             logits = model(s_img_k, s_mask_k, q_img.index_select(0, r)).logits
                     probs[torch.as_tensor(part, device=device)] = torch.softmax(logits.float(), dim=1)[:, 1]
-            h0, w0 = vol.image.shape[1:]
-            if (h0, w0) != (size, size):
-                probs = F.interpolate(probs[:, None], size=(h0, w0), mode="bilinear", align_corners=False)[:, 0]
-            yield spec, probs.cpu().numpy(), vol
+            yield spec, _at_volume_resolution(probs, vol, size), vol
 
 
 def evaluate(model: torch.nn.Module, dataset, specs: Sequence[Any], *, size: int,

@@ -1,11 +1,19 @@
-"""The episodic training loop.
+"""The training loop: episodic for few-shot models, labelled slice batches for supervised baselines.
 
-``train(cfg)`` builds the dataset, the fold split of the protocol, the training episode samplers, the model,
-optimiser and LR schedule, then runs ``cfg.train.iters`` episodes with tqdm progress, a CSV log (TensorBoard
-when installed) and atomic checkpoints every ``ckpt_every`` steps. ``resume=`` continues bit-for-bit:
+``train(cfg)`` builds the dataset, the fold split of the protocol, the model, a *task* that says what one step
+draws and which loss it computes, the optimiser and LR schedule, then runs ``cfg.train.iters`` steps with tqdm
+progress, a CSV log (TensorBoard when installed) and atomic checkpoints every ``ckpt_every`` steps. The task
+follows the model's ``kind``:
 
-* episode ``i`` is drawn by a generator seeded with ``(seed, rank, i)``, so the episode stream after a resume is
-  the one an uninterrupted run would have seen, whatever prefetching or DataLoader workers did before;
+* ``"fewshot"`` (default): one training episode per step (:func:`build_training_sampler`, :func:`episode_losses`);
+* ``"supervised"``: one batch of labelled slices of the fold's training scans per step, the protocol's test
+  classes as targets (:mod:`fewshot_proto.engine.supervised`, configured by ``cfg.supervised``).
+
+Both share everything else here. ``resume=`` continues bit-for-bit:
+
+* the item of step ``i`` (episode or batch) is drawn by a generator seeded with ``(seed, rank, i)``, so the
+  stream after a resume is the one an uninterrupted run would have seen, whatever prefetching or DataLoader
+  workers did before;
 * model, optimiser, scheduler and every global RNG state are restored from the checkpoint.
 
 A run never dies without saving: on any exception (KeyboardInterrupt included) the last completed step is
@@ -15,13 +23,14 @@ saving the last good weights.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +40,7 @@ from fewshot_proto.config import ExperimentConfig, config_from_dict, config_to_d
 from fewshot_proto.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint, set_rng_state
 from fewshot_proto.engine.runtime import autocast, configure_threads, resolve_device, to_memory_format
 
-__all__ = ["train", "TrainResult", "build_training_sampler", "episode_losses", "EpisodeSource"]
+__all__ = ["train", "TrainResult", "build_training_sampler", "episode_losses", "EpisodeSource", "model_kind"]
 
 
 @dataclass
@@ -44,6 +53,8 @@ class TrainResult:
     seconds_per_step: float = float("nan")
     sample_fraction: float = float("nan")  # share of step time spent waiting for the next episode
     model: Any = None
+    kind: str = "fewshot"  # the model's kind: "fewshot" (episodic training) or "supervised" (slice batches)
+    labelled_scans: Optional[List[str]] = None  # supervised: the labelled training scans used
 
 
 def build_training_sampler(cfg: ExperimentConfig, dataset, index, train_scans: List[str]):
@@ -84,6 +95,8 @@ class EpisodeSource:
 
     Iterating yields episodes for steps ``start, start+1, ...`` with a background thread keeping ``prefetch``
     episodes ready (sampling overlaps compute), or through DataLoader workers when ``num_workers > 0``.
+    Any sampler that draws only from ``sampler.rng`` (children in ``sampler.samplers``) and returns an object
+    with a ``meta`` dict works, e.g. the supervised ``SliceBatchSampler``.
     """
 
     def __init__(self, sampler, seed: int, rank: int = 0) -> None:
@@ -228,13 +241,17 @@ def _build_scheduler(opt, t):
 
 
 class _Logger:
-    FIELDS = ["step", "loss", "ce", "align", "cyc", "lr", "seconds_per_step", "sample_seconds", "elapsed"]
+    """``<out>/train_log.csv`` (columns: step, the task's loss terms, lr, timings) and TensorBoard scalars."""
 
-    def __init__(self, out_dir: Path, append: bool) -> None:
+    TIMING = ["lr", "seconds_per_step", "sample_seconds", "elapsed"]
+
+    def __init__(self, out_dir: Path, append: bool, loss_fields: Sequence[str]) -> None:
         self.path = out_dir / "train_log.csv"
+        self.loss_fields = list(loss_fields)
+        fields = ["step", *self.loss_fields, *self.TIMING]
         new = not (append and self.path.exists())
         self.f = open(self.path, "w" if new else "a", newline="")
-        self.w = csv.DictWriter(self.f, fieldnames=self.FIELDS, extrasaction="ignore")
+        self.w = csv.DictWriter(self.f, fieldnames=fields, extrasaction="ignore")
         if new:
             self.w.writeheader()
         self.tb = None
@@ -249,7 +266,7 @@ class _Logger:
         self.w.writerow(row)
         self.f.flush()
         if self.tb is not None:
-            for k in ("loss", "ce", "align", "cyc", "lr"):
+            for k in (*self.loss_fields, "lr"):
                 if k in row and row[k] != "":
                     self.tb.add_scalar(f"train/{k}", row[k], row["step"])
 
@@ -259,10 +276,47 @@ class _Logger:
             self.tb.close()
 
 
+class _EpisodicTask:
+    """Few-shot training: one episode per step, CE (+ alignment, + cyclic) loss (:func:`episode_losses`)."""
+
+    kind = "fewshot"
+    loss_fields = ["loss", "ce", "align", "cyc"]
+
+    def __init__(self, cfg: ExperimentConfig, sampler, device: torch.device, rank: int) -> None:
+        self.t = cfg.train
+        self.device = device
+        self.source = EpisodeSource(sampler, seed=cfg.train.seed, rank=rank)
+        self.labelled_scans: Optional[List[str]] = None
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module whose forward the step calls (DDP wraps this)."""
+        return model
+
+    def losses(self, train_model: torch.nn.Module, ep) -> Dict[str, torch.Tensor]:
+        s_img, s_mask, q_img, q_mask = episode_to_tensors(ep, self.device, self.t.channels_last)
+        return episode_losses(train_model, s_img, s_mask, q_img, q_mask, lambda_align=self.t.lambda_align,
+                              lambda_cyc=self.t.lambda_cyc, ce_weights=self.t.ce_weights)
+
+    @staticmethod
+    def describe(ep) -> str:
+        return f"episode {ep.meta}"
+
+
+def model_kind(name: str) -> str:
+    """The ``kind`` class attribute of registered model ``name`` (``"fewshot"`` when it has none)."""
+    from fewshot_proto.models import MODELS, list_models
+
+    list_models()  # imports the modules that register models
+    return str(getattr(MODELS.get(name), "kind", "fewshot"))
+
+
 def train(cfg: ExperimentConfig, *, resume: Optional[str | Path] = None, progress: bool = True,
           stop_after: Optional[int] = None, dataset=None, rank: int = 0, world_size: int = 1) -> TrainResult:
-    """Train ``cfg.model`` episodically on ``cfg.data`` under ``cfg.protocol``'s fold split.
+    """Train ``cfg.model`` on ``cfg.data`` under ``cfg.protocol``'s fold split; the model's ``kind`` picks the loop.
 
+    Few-shot models (``kind == "fewshot"``) train on episodes (``cfg.episodes``); supervised baselines
+    (``kind == "supervised"``) on batches of labelled slices of the fold's training scans with the protocol's
+    test classes as targets (``cfg.supervised``; the model is built with ``classes=test_classes``).
     ``stop_after`` ends the run after that many steps of this call (tests use it to simulate a kill).
     ``dataset`` overrides ``cfg.data`` (an in-memory dataset, for example).
     """
@@ -275,7 +329,6 @@ def train(cfg: ExperimentConfig, *, resume: Optional[str | Path] = None, progres
     device = resolve_device(t_cfg.device)
     out_dir = Path(t_cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / "checkpoint.pt"
 
     torch.manual_seed(t_cfg.seed)
     np.random.seed(t_cfg.seed % (2 ** 32))
@@ -283,10 +336,38 @@ def train(cfg: ExperimentConfig, *, resume: Optional[str | Path] = None, progres
         dataset = dataset_from_config(cfg.data)
     index = dataset.slice_index()
     split = fold_split(index, cfg.protocol.fold, cfg.protocol.n_folds, cfg.protocol.shots)
-    sampler = build_training_sampler(cfg, dataset, index, list(split.train_scans))
 
-    model = build_model(cfg.model.name, **cfg.model.kwargs)
-    model_config = dict(getattr(model, "config", cfg.model.kwargs))
+    task: Any
+    if model_kind(cfg.model.name) == "supervised":
+        from fewshot_proto.engine.supervised import SupervisedTask, supervised_model_kwargs
+
+        kwargs = supervised_model_kwargs(cfg)
+        model = build_model(cfg.model.name, **kwargs)
+        task = SupervisedTask(cfg, dataset, index, list(split.train_scans), model, device=device, rank=rank)
+    else:
+        sampler = build_training_sampler(cfg, dataset, index, list(split.train_scans))
+        kwargs = dict(cfg.model.kwargs)
+        model = build_model(cfg.model.name, **kwargs)
+        task = _EpisodicTask(cfg, sampler, device, rank)
+    if rank == 0 and task.labelled_scans is not None:
+        (out_dir / "labelled_scans.json").write_text(json.dumps(
+            {"n_labelled": len(task.labelled_scans), "selection_seed": cfg.supervised.selection_seed,
+             "fold": cfg.protocol.fold, "scans": task.labelled_scans}, indent=1))
+    return _run(cfg, task, model, kwargs, out_dir=out_dir, device=device, resume=resume, progress=progress,
+                stop_after=stop_after, rank=rank, world_size=world_size)
+
+
+def _run(cfg: ExperimentConfig, task, model: torch.nn.Module, model_kwargs: Dict[str, Any], *, out_dir: Path,
+         device: torch.device, resume: Optional[str | Path], progress: bool, stop_after: Optional[int], rank: int,
+         world_size: int) -> TrainResult:
+    """The loop both tasks share: optimiser, schedule, resume, DDP, logging, checkpoints, interrupts, budget.
+
+    ``task`` provides ``source`` (an :class:`EpisodeSource`), ``wrap(model)`` (the module a step calls),
+    ``losses(train_model, item) -> {"loss": ..., <terms>}``, ``loss_fields`` and ``describe(item)``.
+    """
+    t_cfg = cfg.train
+    ckpt_path = out_dir / "checkpoint.pt"
+    model_config = dict(getattr(model, "config", model_kwargs))
     model.to(device)
     if t_cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -305,12 +386,12 @@ def train(cfg: ExperimentConfig, *, resume: Optional[str | Path] = None, progres
         set_rng_state(ckpt["rng"])
         start = int(ckpt["step"])
 
-    train_model = model
+    train_model = task.wrap(model)
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [torch.cuda.current_device()] if device.type == "cuda" else None
-        train_model = DDP(model, device_ids=ids, find_unused_parameters=True)
+        train_model = DDP(train_model, device_ids=ids, find_unused_parameters=True)
 
     resolved = config_to_dict(cfg)
     if rank == 0:
@@ -322,9 +403,9 @@ def train(cfg: ExperimentConfig, *, resume: Optional[str | Path] = None, progres
         save_checkpoint(ckpt_path, model=model, model_name=cfg.model.name, model_config=model_config, step=step,
                         optimizer=optimizer, scheduler=scheduler, config=resolved)
 
-    source = EpisodeSource(sampler, seed=t_cfg.seed, rank=rank)
+    source = task.source
     stop = t_cfg.iters if stop_after is None else min(t_cfg.iters, start + int(stop_after))
-    logger = _Logger(out_dir, append=resume is not None) if rank == 0 else None
+    logger = _Logger(out_dir, append=resume is not None, loss_fields=task.loss_fields) if rank == 0 else None
     losses: List[float] = []
     step = start
     t_start = time.perf_counter()
@@ -334,28 +415,26 @@ def train(cfg: ExperimentConfig, *, resume: Optional[str | Path] = None, progres
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=t_cfg.iters, initial=start, desc="train", unit="ep", dynamic_ncols=True)
+        unit = "ep" if task.kind == "fewshot" else "batch"
+        bar = tqdm(total=t_cfg.iters, initial=start, desc="train", unit=unit, dynamic_ncols=True)
     model.train()
     try:
         t_prev = time.perf_counter()
-        episodes = source.stream(start, stop, prefetch=t_cfg.prefetch, num_workers=t_cfg.num_workers)
+        items = source.stream(start, stop, prefetch=t_cfg.prefetch, num_workers=t_cfg.num_workers)
         while True:
             t_wait = time.perf_counter()
             try:
-                ep = next(episodes)
+                item = next(items)
             except StopIteration:
                 break
             wait = time.perf_counter() - t_wait
-            s_img, s_mask, q_img, q_mask = episode_to_tensors(ep, device, t_cfg.channels_last)
             with autocast(device, t_cfg.precision):
-                terms = episode_losses(train_model, s_img, s_mask, q_img, q_mask,
-                                       lambda_align=t_cfg.lambda_align, lambda_cyc=t_cfg.lambda_cyc,
-                                       ce_weights=t_cfg.ce_weights)
+                terms = task.losses(train_model, item)
             loss = terms["loss"]
             if not torch.isfinite(loss):
                 checkpoint(step)
                 raise FloatingPointError(
-                    f"non-finite loss {loss.item()} at step {step} (episode {ep.meta}); the last good weights "
+                    f"non-finite loss {loss.item()} at step {step} ({task.describe(item)}); the last good weights "
                     f"were saved to {ckpt_path}. Lower train.lr or check the data for NaNs.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -378,7 +457,8 @@ def train(cfg: ExperimentConfig, *, resume: Optional[str | Path] = None, progres
             if bar is not None:
                 bar.update(1)
                 if step % 5 == 0:
-                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", s_per_ep=f"{np.median(step_times[-20:]):.2f}")
+                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}",
+                                    s_per_step=f"{np.median(step_times[-20:]):.2f}")
             if t_cfg.ckpt_every and step % t_cfg.ckpt_every == 0:
                 checkpoint(step)
             if t_cfg.max_seconds is not None and now - t_start >= t_cfg.max_seconds:
@@ -398,4 +478,5 @@ def train(cfg: ExperimentConfig, *, resume: Optional[str | Path] = None, progres
     frac = float(np.sum(sample_times) / max(np.sum(step_times), 1e-9)) if step_times else float("nan")
     model.eval()
     return TrainResult(out_dir=out_dir, checkpoint=ckpt_path, steps=step, losses=losses, seconds=seconds,
-                       seconds_per_step=med, sample_fraction=frac, model=model)
+                       seconds_per_step=med, sample_fraction=frac, model=model, kind=task.kind,
+                       labelled_scans=task.labelled_scans)

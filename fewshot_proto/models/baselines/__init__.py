@@ -10,8 +10,10 @@ Registered in ``fewshot_proto.models.MODELS`` (the builder kwargs are the classe
     ``"mobilenet_aspp_se_unet"``  ``MobileNetASPPSEUNet``  001 (MobileNetV2 + ASPP + SE decoder)
     ============================  =======================  ======================================
 
-Each has ``kind = "supervised"``, ``forward(support_img, support_mask, query_img) -> SegOutput`` that ignores
-the support, ``segment_image(x) -> logits[B, 2, H, W]`` for supervised training, and ``config`` (its kwargs).
+Each has ``kind = "supervised"``, ``forward(support_img, support_mask, query_img, class_id=None) -> SegOutput``
+that ignores the support, ``segment_image(x) -> logits[B, 1 + K, H, W]`` for supervised training (K = 1, or
+``len(classes)`` when built with ``classes=[...]``: one model for several target classes),
+``binary_logits(x, class_id) -> logits[B, 2, H, W]`` for the harness, and ``config`` (its kwargs).
 """
 from __future__ import annotations
 

@@ -252,10 +252,13 @@ class MobileNetASPPSEUNet(SupervisedSegmenter):
         se_reduction: SE reduction ratio r (16), on every skip and in every decoder block.
         decoder_channels: output widths of dec5..dec1 ((256, 128, 64, 32, 32)); lower them for CPU benchmarks.
         out_mode: ``"sigmoid"`` (default, the seed's one-channel head returned as ``[0, z]``) or ``"softmax"``.
+        classes: target label values ``[c_1, ..., c_K]`` for one multi-class model (K sigmoid channels, or
+            ``1 + K`` softmax channels), or ``None`` (default): binary. See ``common``.
 
     Inputs must be multiples of 32 (the bottleneck is at 1/32: 8x8 for 256x256; 2x2 for 64x64).
-    Shapes: ``segment_image(x[B, C, H, W]) -> logits[B, 2, H, W]``;
-    ``forward(support_img, support_mask, query_img[Q, C, H, W]) -> SegOutput(logits[Q, 2, H, W], aux={})``.
+    Shapes: ``segment_image(x[B, C, H, W]) -> logits[B, 1 + K, H, W]`` (K = 1 without ``classes``);
+    ``binary_logits(x, class_id) -> logits[B, 2, H, W]``;
+    ``forward(support_img, support_mask, query_img[Q, C, H, W], class_id=None) -> SegOutput(logits[Q, 2, H, W])``.
     """
 
     display_name = "MobileNetASPPSEUNet"
@@ -274,9 +277,11 @@ class MobileNetASPPSEUNet(SupervisedSegmenter):
         se_reduction: int = 16,
         decoder_channels: Sequence[int] = (256, 128, 64, 32, 32),
         out_mode: str = "sigmoid",
+        classes: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__()
         name = "MobileNetASPPSEUNet"
+        classes = self._set_output(out_mode, classes)
         check_positive_int("in_channels", in_channels, name)
         check_positive_int("stem_channels", stem_channels, name)
         check_positive_int("aspp_channels", aspp_channels, name)
@@ -307,6 +312,7 @@ class MobileNetASPPSEUNet(SupervisedSegmenter):
             se_reduction=se_reduction,
             decoder_channels=dec,
             out_mode=out_mode,
+            classes=classes,
         )
         self.in_channels = in_channels
         self.total_stride = 32
@@ -328,7 +334,7 @@ class MobileNetASPPSEUNet(SupervisedSegmenter):
             stages.append(_DecoderStage(c, skip_c, out_c, se_reduction))
             c = out_c
         self.decoder = nn.ModuleList(stages)
-        self.head = SegHead(c, out_mode)
+        self.head = SegHead(c, out_mode, self.num_classes)
 
     @staticmethod
     def _out_channels(block: nn.Module) -> int:

@@ -4,6 +4,7 @@ Built from the seed's Keras code (its sections 7.1-7.3), which is the consistent
 
     residual_block(c_out, stride):   x -> conv3x3(stride) -> BN -> ReLU -> conv3x3 -> BN (+ shortcut) -> ReLU -> Dropout
                                      shortcut = x, or conv1x1(stride) -> BN when the stride or width changes
+                                     (computed by StridedPointwiseConv)
     upconv_block(c_out):             x -> convT2x2 stride 2 -> BN -> ReLU -> concat(skip) -> residual_block(c_out, 1)
 
     enc1 = residual_block(16, 1)      H       (skip 1)
@@ -26,7 +27,7 @@ FLAIR). ``base_channels`` scales the width (level i has ``base_channels * 2**i``
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -38,7 +39,33 @@ from fewshot_proto.models.baselines.common import (
     check_rate,
 )
 
-__all__ = ["ResUpNet", "ResidualBlock", "UpConvBlock"]
+__all__ = ["ResUpNet", "ResidualBlock", "UpConvBlock", "StridedPointwiseConv"]
+
+
+class StridedPointwiseConv(nn.Conv2d):
+    """A 1x1 convolution with stride ``s``, computed as "every s-th pixel, then a stride-1 1x1 convolution".
+
+    The output is identical to ``nn.Conv2d(cin, cout, 1, stride=s)`` (a 1x1 kernel with no padding reads the
+    pixels at multiples of ``s``; ``ceil(H / s)`` of them either way) and so are the parameters and their
+    state-dict names (``weight``, ``bias``). Why: oneDNN's CPU kernel for the weight gradient of a strided 1x1
+    convolution on channels_last (NHWC) inputs with fewer input channels than its channel block (e.g. 4 or 8)
+    writes past its workspace (uxlfoundation/oneDNN issue #6035): segfaults or heap corruption were observed
+    here with torch 2.14.1 for narrow ResUpNets (``base_channels`` 4 or 8) at 64x64, and wrong weight
+    gradients are reported elsewhere. A stride-1 1x1 convolution does not take that code path.
+    ``[B, Cin, H, W] -> [B, Cout, ceil(H/s), ceil(W/s)]``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=1)
+        self.subsample = int(stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.subsample > 1:
+            x = x[:, :, :: self.subsample, :: self.subsample]
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", subsample={self.subsample}"
 
 
 class ResidualBlock(nn.Module):
@@ -56,7 +83,7 @@ class ResidualBlock(nn.Module):
         self.shortcut: nn.Module
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride),
+                StridedPointwiseConv(in_channels, out_channels, stride=stride),
                 nn.BatchNorm2d(out_channels),
             )
         else:
@@ -98,10 +125,13 @@ class ResUpNet(SupervisedSegmenter):
         dropout: dropout after every residual block (0.3 in the seed).
         out_mode: ``"sigmoid"`` (default, the seed's one-channel sigmoid head, returned as logits ``[0, z]``)
             or ``"softmax"`` (two-channel head).
+        classes: target label values ``[c_1, ..., c_K]`` for one multi-class model (K sigmoid channels, or
+            ``1 + K`` softmax channels), or ``None`` (default): binary. See ``common``.
 
     Inputs must be multiples of 16 (four stride-2 convolutions).
-    Shapes: ``segment_image(x[B, C, H, W]) -> logits[B, 2, H, W]``;
-    ``forward(support_img, support_mask, query_img[Q, C, H, W]) -> SegOutput(logits[Q, 2, H, W], aux={})``.
+    Shapes: ``segment_image(x[B, C, H, W]) -> logits[B, 1 + K, H, W]`` (K = 1 without ``classes``);
+    ``binary_logits(x, class_id) -> logits[B, 2, H, W]``;
+    ``forward(support_img, support_mask, query_img[Q, C, H, W], class_id=None) -> SegOutput(logits[Q, 2, H, W])``.
     """
 
     display_name = "ResUpNet"
@@ -113,13 +143,15 @@ class ResUpNet(SupervisedSegmenter):
         base_channels: int = 16,
         dropout: float = 0.3,
         out_mode: str = "sigmoid",
+        classes: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__()
+        classes = self._set_output(out_mode, classes)
         check_positive_int("in_channels", in_channels, "ResUpNet")
         check_positive_int("base_channels", base_channels, "ResUpNet")
         dropout = check_rate("dropout", dropout, "ResUpNet")
         self.config: Dict[str, Any] = dict(
-            in_channels=in_channels, base_channels=base_channels, dropout=dropout, out_mode=out_mode
+            in_channels=in_channels, base_channels=base_channels, dropout=dropout, out_mode=out_mode, classes=classes
         )
         self.in_channels = in_channels
         self.total_stride = 16
@@ -133,7 +165,7 @@ class ResUpNet(SupervisedSegmenter):
         self.decoders = nn.ModuleList(
             [UpConvBlock(widths[i + 1], widths[i], widths[i], dropout) for i in range(3, -1, -1)]
         )
-        self.head = SegHead(widths[0], out_mode)
+        self.head = SegHead(widths[0], out_mode, self.num_classes)
 
     def _segment(self, x: torch.Tensor) -> torch.Tensor:
         skips: List[torch.Tensor] = []

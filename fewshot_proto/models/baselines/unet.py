@@ -29,7 +29,7 @@ returned as logits ``[0, z]``); see ``fewshot_proto.models.baselines.common``.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -73,9 +73,12 @@ class UNet(SupervisedSegmenter):
         batch_norm: BN after every 3x3 convolution (default False: the paper's network).
         dropout: dropout rate at the end of the contracting path (default 0: off).
         out_mode: ``"softmax"`` (two-channel head, default) or ``"sigmoid"`` (one-channel head as ``[0, z]``).
+        classes: target label values ``[c_1, ..., c_K]`` for one multi-class model (head with ``1 + K``
+            channels, or K sigmoid channels), or ``None`` (default): binary. See ``common``.
 
-    Shapes: ``segment_image(x[B, C, H, W]) -> logits[B, 2, H, W]``;
-    ``forward(support_img, support_mask, query_img[Q, C, H, W]) -> SegOutput(logits[Q, 2, H, W], aux={})``.
+    Shapes: ``segment_image(x[B, C, H, W]) -> logits[B, 1 + K, H, W]`` (K = 1 without ``classes``);
+    ``binary_logits(x, class_id) -> logits[B, 2, H, W]``;
+    ``forward(support_img, support_mask, query_img[Q, C, H, W], class_id=None) -> SegOutput(logits[Q, 2, H, W])``.
     """
 
     display_name = "UNet"
@@ -89,8 +92,10 @@ class UNet(SupervisedSegmenter):
         batch_norm: bool = False,
         dropout: float = 0.0,
         out_mode: str = "softmax",
+        classes: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__()
+        classes = self._set_output(out_mode, classes)
         check_positive_int("in_channels", in_channels, "UNet")
         check_positive_int("base_channels", base_channels, "UNet")
         check_positive_int("depth", depth, "UNet")
@@ -102,6 +107,7 @@ class UNet(SupervisedSegmenter):
             batch_norm=bool(batch_norm),
             dropout=dropout,
             out_mode=out_mode,
+            classes=classes,
         )
         self.in_channels = in_channels
         self.total_stride = 2**depth
@@ -121,7 +127,7 @@ class UNet(SupervisedSegmenter):
         for i in range(depth, 0, -1):
             self.ups.append(nn.ConvTranspose2d(widths[i], widths[i - 1], kernel_size=2, stride=2))
             self.decoders.append(DoubleConv(2 * widths[i - 1], widths[i - 1], batch_norm))
-        self.head = SegHead(widths[0], out_mode)
+        self.head = SegHead(widths[0], out_mode, self.num_classes)
         self._init_weights()
 
     def _init_weights(self) -> None:
