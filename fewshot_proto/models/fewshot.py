@@ -40,6 +40,9 @@ class CWPAUNet(nn.Module):
         num_classes: K output channels (2: background, foreground).
         use_background: also use background local prototypes.
         in_channels: image channels (3: grey tiled to RGB).
+        norm: ``"batch"`` (BatchNorm, torchvision's ResNet-34; needed for ImageNet weights) or ``"group"``
+            (GroupNorm everywhere: the statistics do not depend on the episode's batch of one support and one
+            query, so training and evaluation normalise alike).
 
     Attributes:
         kind: ``"fewshot"`` (supervised baselines say ``"supervised"``).
@@ -63,6 +66,7 @@ class CWPAUNet(nn.Module):
         num_classes: int = 2,
         use_background: bool = False,
         in_channels: int = 3,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         self.config: Dict[str, Any] = {
@@ -73,9 +77,10 @@ class CWPAUNet(nn.Module):
             "num_classes": int(num_classes),
             "use_background": bool(use_background),
             "in_channels": int(in_channels),
+            "norm": str(norm),
         }
         self.init_weights = None if weights is None else str(weights)
-        self.encoder = build_encoder(encoder, in_channels=in_channels, weights=weights, dilate_last=True)
+        self.encoder = build_encoder(encoder, in_channels=in_channels, weights=weights, dilate_last=True, norm=norm)
         red = self.encoder.reductions
         if len(red) < 2 or red[-1] != red[-2]:
             raise ValueError(
@@ -84,7 +89,7 @@ class CWPAUNet(nn.Module):
             )
         self.cwpa = CWPA(tau=tau, temperature=temperature, use_background=use_background)
         d = self.encoder.out_channels[-1]
-        self.decoder = UNetDecoder(self.encoder.out_channels, in_channels=2 * d, num_classes=num_classes)
+        self.decoder = UNetDecoder(self.encoder.out_channels, in_channels=2 * d, num_classes=num_classes, norm=norm)
 
     # ---- steps (the engine relies on these names) -------------------------------------------------------
     def encode(self, x: torch.Tensor) -> List[torch.Tensor]:
@@ -158,6 +163,7 @@ def cwpa_unet(
     num_classes: int = 2,
     use_background: bool = False,
     in_channels: int = 3,
+    norm: str = "batch",
 ) -> CWPAUNet:
     """Build ``CWPAUNet`` (registered as ``"cwpa_unet"``); the kwargs are stored in ``model.config``."""
     return CWPAUNet(
@@ -168,4 +174,5 @@ def cwpa_unet(
         num_classes=num_classes,
         use_background=use_background,
         in_channels=in_channels,
+        norm=norm,
     )

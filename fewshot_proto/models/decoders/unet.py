@@ -23,12 +23,14 @@ __all__ = ["ConvBNReLU", "DecoderStage", "UNetDecoder"]
 
 
 class ConvBNReLU(nn.Sequential):
-    """3x3 conv (no bias) -> BatchNorm -> ReLU, same padding."""
+    """3x3 conv (no bias) -> BatchNorm (or GroupNorm with ``norm="group"``) -> ReLU, same padding."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch") -> None:
+        from fewshot_proto.models.encoders.resnet import norm_layer
+
         super().__init__(
             nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            norm_layer(norm)(out_channels),
             nn.ReLU(inplace=True),
         )
 
@@ -36,10 +38,10 @@ class ConvBNReLU(nn.Sequential):
 class DecoderStage(nn.Module):
     """``cat(x, skip)`` -> (Conv-BN-ReLU) x2 -> ``out_channels`` -> 2x2 stride-2 transposed conv (x2 size)."""
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, norm: str = "batch") -> None:
         super().__init__()
         self.convs = nn.Sequential(
-            ConvBNReLU(in_channels + skip_channels, out_channels), ConvBNReLU(out_channels, out_channels)
+            ConvBNReLU(in_channels + skip_channels, out_channels, norm), ConvBNReLU(out_channels, out_channels, norm)
         )
         self.up = nn.ConvTranspose2d(out_channels, out_channels, kernel_size=2, stride=2)
 
@@ -62,6 +64,7 @@ class UNetDecoder(nn.Module):
         in_channels: channels of the bottleneck tensor given to ``forward`` (1024 for CWPA-enhanced F5).
         num_classes: K output channels.
         decoder_channels: output channels of each stage, coarse to fine (one per skip).
+        norm: ``"batch"`` or ``"group"`` normalisation in every Conv-Norm-ReLU.
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class UNetDecoder(nn.Module):
         in_channels: int = 1024,
         num_classes: int = 2,
         decoder_channels: Sequence[int] = (256, 128, 64, 64),
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         skips = list(encoder_channels[:-1])[::-1]  # coarse to fine: F4, F3, F2, F1
@@ -86,7 +90,7 @@ class UNetDecoder(nn.Module):
         stages = []
         prev = self.in_channels
         for skip_ch, out_ch in zip(skips, decoder_channels):
-            stages.append(DecoderStage(prev, skip_ch, int(out_ch)))
+            stages.append(DecoderStage(prev, skip_ch, int(out_ch), norm))
             prev = int(out_ch)
         self.stages = nn.ModuleList(stages)
         self.head = nn.Conv2d(prev, self.num_classes, kernel_size=1)

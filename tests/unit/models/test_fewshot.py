@@ -47,7 +47,7 @@ def test_registered_and_built_by_name(model):
     assert isinstance(model, CWPAUNet) and model.kind == "fewshot"
     assert model.config == {
         "encoder": "resnet34", "weights": None, "tau": 0.5, "temperature": 0.1, "num_classes": 2,
-        "use_background": False, "in_channels": 3,
+        "use_background": False, "in_channels": 3, "norm": "batch",
     }
 
 
