@@ -91,6 +91,8 @@ def predict_volume(model: torch.nn.Module, supports: Sequence[Volume], query: Vo
                     r = torch.as_tensor(rows[i:i + batch_size], device=device)
                     if fast:
                         logits = model.segment([f.index_select(0, r) for f in q_feats], protos)
+                    elif hasattr(model, "binary_logits"):  # supervised: the query alone, this class's channel
+                        logits = model.binary_logits(q_img.index_select(0, r), c)
                     else:
                         logits = model(s_img, s_mask, q_img.index_select(0, r)).logits
                     prob[r] = torch.softmax(logits.float(), 1)[:, 1]
