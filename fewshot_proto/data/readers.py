@@ -287,9 +287,10 @@ class NiftiDataset(VolumeDataset):
         self._files: Dict[str, Tuple[Path, Path]] = self._discover()
         self._ids: List[str] = sorted(self._files, key=natural_key)
         raw_names = self._raw_label_names()
-        self.label_names = (
-            {int(k): str(v) for k, v in label_names.items()} if label_names is not None else self._mapped_names(raw_names)
-        )
+        if label_names is not None:
+            self.label_names = {int(k): str(v) for k, v in label_names.items()}
+        else:
+            self.label_names = self._mapped_names(raw_names)
         self._index_fp: Optional[List[List[Any]]] = None
         #: how many times this object built its SliceIndex from label files (cache hits do not count)
         self.index_builds = 0
