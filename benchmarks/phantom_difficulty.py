@@ -15,7 +15,7 @@ A learned few-shot model must beat all three clearly for the phantoms to be a fa
 the z-scored images a model sees (``zscore``) and on the raw grey values written to disk (``raw``), prints a
 per-class table and writes ``benchmarks/results/phantom_difficulty.json``.
 
-    python benchmarks/phantom_difficulty.py [--n-scans 20] [--seed 0] [--size 128] [--all-supports]
+    python benchmarks/phantom_difficulty.py [--n-scans 20] [--seed 0] [--size 128]
 """
 from __future__ import annotations
 
@@ -123,8 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--all-supports", action="store_true",
-                    help="also repeat the z-scored benchmark with every scan as the support and report the spread")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -145,16 +143,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, vols in (("zscore", normed), ("raw", raw)):
         results[name] = summarise(evaluate(vols))
 
-    every_support = None
-    if args.all_supports:
-        per_support = {p: {LABEL_NAMES[c]: [] for c in LABEL_NAMES} for p in PREDICTORS}
-        for v in normed:
-            for p, per_cls in evaluate(normed, support_id=v.id).items():
-                for c, d in per_cls.items():
-                    per_support[p][LABEL_NAMES[c]].append(float(np.mean(d)))
-        every_support = {p: {name: {"mean": float(np.mean(m)), "min": float(np.min(m)), "max": float(np.max(m))}
-                             for name, m in per.items()} for p, per in per_support.items()}
-
     print(f"phantoms v{PHANTOM_VERSION}: {args.n_scans} scans, seed {args.seed}, size {args.size}")
     print(f"generation {t_gen:.2f} s; ensure_phantoms first call {t_first:.2f} s, second {t_second * 1e3:.1f} ms")
     for name, res in results.items():
@@ -163,13 +151,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         for p, per in res.items():
             print(f"{p:<16}" + "".join(f"{per[LABEL_NAMES[c]]['mean']:>11.3f} +-{per[LABEL_NAMES[c]]['std']:.2f}"
                                        for c in sorted(LABEL_NAMES)))
-
-    if every_support is not None:
-        print("\nimages: zscore, every scan as the support in turn (mean [min, max] of the per-support means)")
-        print(f"{'predictor':<16}" + "".join(f"{LABEL_NAMES[c]:>20}" for c in sorted(LABEL_NAMES)))
-        for p, per in every_support.items():
-            cells = [per[LABEL_NAMES[c]] for c in sorted(LABEL_NAMES)]
-            print(f"{p:<16}" + "".join(f"{d['mean']:>8.3f} [{d['min']:.2f},{d['max']:.2f}]" for d in cells))
 
     sizes = {LABEL_NAMES[c]: float(np.mean([(v.label == c).sum() for v in raw])) for c in sorted(LABEL_NAMES)}
     payload = {
@@ -184,7 +165,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ensure_phantoms_seconds": {"first_call": round(t_first, 3), "second_call": round(t_second, 5)},
         "mean_voxels_per_organ": sizes,
         "dice": results,
-        "dice_every_support_zscore": every_support,
         "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "numpy": np.__version__},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,10 +24,8 @@ What makes it a fair test rather than a toy:
   slices for both test groups {2, 3} and {1, 4}.
 
 Arrays: in memory a ``Volume`` holds ``image[Z, H, W]`` float32 and ``label[Z, H, W]`` int16 with slice 0 the
-most inferior, like the CHAOS-T2 files; ``make_phantom`` z-scores the image unless ``normalise=False``. On disk
-(``ensure_phantoms``) the raw integer grey values and the labels are stored as int16 ``(H, W, Z)`` arrays
-(slice axis 2, as in CHAOS-T2) with a real affine (spacing, a translation, a small rotation about z);
-``Volume.affine`` is that file affine and ``Volume.spacing`` is ``(z, y, x)`` in mm.
+most inferior, like the CHAOS-T2 files. On disk (``ensure_phantoms``) the arrays are stored as ``(H, W, Z)``
+(slice axis 2, as in CHAOS-T2) with a real affine; ``Volume.affine`` is that file affine.
 
 Generation is deterministic: the same generator state gives bit-identical arrays. ``make_phantom_dataset``
 derives one independent generator per scan from ``SeedSequence(seed)``, so scan ``"k"`` is the same whatever
@@ -113,7 +111,6 @@ def _bandpass_noise(rng: np.random.Generator, shape: Tuple[int, int, int], wavel
     from scipy.ndimage import gaussian_filter1d
 
     z, h, w = shape
-    wavelength = max(float(wavelength), 2.2)   # stay below Nyquist at small sizes
     white = rng.standard_normal(shape, dtype=np.float32)
     spec = sfft.rfft2(white, axes=(1, 2), workers=1)
     fy = np.fft.fftfreq(h).astype(np.float32)[:, None]
@@ -250,8 +247,7 @@ def make_phantom(rng: np.random.Generator, *, size: int = 128, n_slices_range: T
         scan_id: the ``Volume.id``.
         normalise: return the image z-scored per volume (the ``Volume`` contract: images are normalised, like
             a reader with ``normalise: zscore`` returns them). ``False`` gives the raw MR-like grey values
-            (non-negative integers stored as float32, arbitrary per-scan gain, < 32768) that
-            ``ensure_phantoms`` writes to disk as int16.
+            (non-negative, arbitrary per-scan gain) that ``ensure_phantoms`` writes to disk.
 
     Returns:
         ``Volume`` with ``image`` float32 ``[Z, H, W]``, ``label`` int16 ``[Z, H, W]`` in {0..4} (every scan has
@@ -295,7 +291,7 @@ def make_phantom(rng: np.random.Generator, *, size: int = 128, n_slices_range: T
     # smooth elastic deformation + a slow per-slice drift (breathing / posture)
     ex = _smooth_field(rng, x, y, uu, 4, (1.5, 3.5), 0.05)
     ey = _smooth_field(rng, x, y, uu, 4, (1.5, 3.5), 0.05)
-    drift = (0.02 * np.sin(rng.uniform(4.0, 9.0) * u + rng.uniform(0, 2 * math.pi))).astype(np.float32)
+    drift = _smooth_field(rng, np.zeros_like(u), np.zeros_like(u), u * 6.0, 2, (1.0, 1.0), 0.02)
     x = x + ex + drift[:, None, None]
     y = y + ey
     del ex, ey
@@ -303,8 +299,8 @@ def make_phantom(rng: np.random.Generator, *, size: int = 128, n_slices_range: T
     # ---- body wall -------------------------------------------------------------------------------------------
     ay_body = rng.uniform(0.66, 0.78)
     back = rng.uniform(0.85, 0.95)               # flatter back
-    ay_eff = np.where(y > 0, np.float32(ay_body * back), np.float32(ay_body))
-    body_scale = (1.0 + 0.04 * np.sin(math.pi * u)[:, None, None]).astype(np.float32)
+    ay_eff = np.where(y > 0, ay_body * back, ay_body)
+    body_scale = 1.0 + 0.04 * np.sin(math.pi * u)[:, None, None]
     rho_body = np.sqrt(x * x + (y / ay_eff) ** 2) / body_scale
     t_fat = rng.uniform(0.04, 0.08)
     t_musc = rng.uniform(0.035, 0.055)
@@ -338,9 +334,9 @@ def make_phantom(rng: np.random.Generator, *, size: int = 128, n_slices_range: T
     lv_lo, lv_hi = 0.36 + _jit(rng, 0.03), 0.97 + _jit(rng, 0.02)
     w_liv = _profile(u, lv_lo, lv_hi, peak=0.68, power=0.35)
     t_liv = np.clip((u - lv_lo) / (lv_hi - lv_lo), 0, 1)
-    cxl = (-0.42 + _jit(rng, 0.06) + 0.05 * (1 - t_liv)) * ones
-    cyl = (0.00 + _jit(rng, 0.05) + 0.32 * (1 - t_liv) ** 1.5) * ones
-    rho_r, _ = _blob(x, y, cxl, cyl, 0.32 * sz * w_liv, 0.36 * sz * w_liv, 0.15 + _jit(rng, 0.1),
+    cxl = (-0.42 + _jit(rng, 0.06) - 0.04 * (1 - t_liv)) * ones
+    cyl = (0.00 + _jit(rng, 0.05) + 0.30 * (1 - t_liv) ** 1.5) * ones
+    rho_r, _ = _blob(x, y, cxl, cyl, 0.34 * sz * w_liv, 0.38 * sz * w_liv, 0.15 + _jit(rng, 0.1),
                      _harm(rng, [(2, 0.10, 0.6), (3, 0.07, 1.9), (5, 0.03, 0.2)]))
     w_left = _profile(u, lv_lo + 0.40 * (lv_hi - lv_lo), lv_hi - 0.06, peak=0.5, power=0.6)
     rho_l, _ = _blob(x, y, (-0.12 + _jit(rng, 0.04)) * ones, (-0.30 + _jit(rng, 0.03)) * ones,
@@ -363,7 +359,6 @@ def make_phantom(rng: np.random.Generator, *, size: int = 128, n_slices_range: T
     # kidneys: bean shapes beside the spine, right one lower; cortex, medullary pyramids, sinus fat at the hilum
     kid_masks = {}
     kid_parts = {}
-    kid_rings = []
     for lab, side, k_lo, k_hi in ((RKIDNEY, -1.0, 0.08, 0.60), (LKIDNEY, 1.0, 0.14, 0.64)):
         k_lo += _jit(rng, 0.03)
         k_hi += _jit(rng, 0.03)
@@ -383,7 +378,6 @@ def make_phantom(rng: np.random.Generator, *, size: int = 128, n_slices_range: T
         sinus = m & (rho_k < 0.55) & (np.cos(th_k - np.float32(th_med)) > np.float32(math.cos(1.3)))
         pyr = m & ~sinus & (rho_k > 0.35) & (rho_k < 0.82) & (np.cos(5.0 * th_k) > 0.0)
         kid_parts[lab] = (sinus, pyr)
-        kid_rings.append(organ_space & (rho_k >= 1) & (rho_k < 1.3))
         del rho_k, th_k, rho_n
 
     # paint: liver < spleen < kidneys (kidneys press into liver and spleen, so organs touch)
@@ -427,17 +421,14 @@ def make_phantom(rng: np.random.Generator, *, size: int = 128, n_slices_range: T
                          replace=True) + rng.uniform(-0.03, 0.03, size=n_levels)
     tex_bowel = _bandpass_noise(rng, shape, 5.0 * sc, 0.6)
     amps = rng.uniform(0.04, 0.10, size=n_levels)
-    bowel_val = (centres[region] + amps[region] * tex_bowel).astype(np.float32)
+    bowel_val = centres[region] + amps[region] * tex_bowel
     # mesenteric fat at region borders (where ``loops`` crosses a quantile edge)
     padded = np.concatenate([[-np.inf], edges, [np.inf]]).astype(np.float32)
     dist_edge = np.minimum(loops - padded[region], padded[region + 1] - loops)
     bowel_val = np.where(dist_edge < 0.04, _GREY["fat"] + 0.05 * tex_fine, bowel_val)
     visc = cavity & ~solid & (label == 0)
     img[visc] = bowel_val[visc]
-    # perirenal fat: a bright rim around each kidney where it does not touch another organ
-    perirenal = (kid_rings[0] | kid_rings[1]) & visc
-    img[perirenal] = _GREY["fat"] + 0.05 * tex_fine[perirenal]
-    del loops, region, tex_bowel, bowel_val, dist_edge, padded, perirenal, kid_rings
+    del loops, region, tex_bowel, bowel_val, dist_edge, padded
 
     img[m_vert] = _GREY["vertebra"] + 0.08 * tex_fine[m_vert]
     img[m_canal] = _GREY["csf"]
@@ -445,31 +436,33 @@ def make_phantom(rng: np.random.Generator, *, size: int = 128, n_slices_range: T
     img[m_ivc] = _GREY["ivc"]
 
     # organs: textures are generated only on the slices where the organ is
-    def paint(zs: np.ndarray, mask: np.ndarray, values: np.ndarray) -> None:
-        # img[zs][mask] = values[mask] for a mask [len(zs), H, W] (fancy indexing returns copies)
-        sub = img[zs]
-        sub[mask] = values[mask]
-        img[zs] = sub
-
     ml = label == LIVER
     zl, tex_liver = _organ_texture(rng, ml, 3.5 * sc, 0.5)
-    paint(zl, ml[zl], _GREY["liver"] + 0.07 * tex_liver)
+    sub = img[zl]
+    sub[ml[zl]] = _GREY["liver"] + 0.07 * tex_liver[ml[zl]]
+    img[zl] = sub
     img[vessel] = _GREY["liver_vessel"] + 0.03 * tex_fine[vessel]
     ms = label == SPLEEN
-    zsp, tex_spleen = _organ_texture(rng, ms, 9.0 * sc, 0.45)
-    paint(zsp, ms[zsp], _GREY["spleen"] + 0.09 * tex_spleen)
+    zs_, tex_spleen = _organ_texture(rng, ms, 9.0 * sc, 0.45)
+    sub = img[zs_]
+    sub[ms[zs_]] = _GREY["spleen"] + 0.09 * tex_spleen[ms[zs_]]
+    img[zs_] = sub
     mkid = (label == RKIDNEY) | (label == LKIDNEY)
     zk, tex_kid = _organ_texture(rng, mkid, 2.5 * sc, 0.5)
-    kid_val = _GREY["cortex"] + 0.05 * tex_kid
+    kid_val = np.zeros((len(zk),) + shape[1:], np.float32)
     for lab in (RKIDNEY, LKIDNEY):
         mk = (label == lab)[zk]
-        sinus, pyr = (part[zk] & mk for part in kid_parts[lab])
+        sinus, pyr = (p[zk] & mk for p in kid_parts[lab])
+        cortex = mk & ~sinus & ~pyr
+        kid_val[cortex] = _GREY["cortex"] + 0.05 * tex_kid[cortex]
         kid_val[pyr] = _GREY["medulla"] + 0.05 * tex_kid[pyr]
         kid_val[sinus] = _GREY["sinus"] + 0.04 * tex_fine[zk][sinus]
-    paint(zk, mkid[zk], kid_val)
-    del tex_fine, tex_musc, tex_liver, tex_spleen, tex_kid, kid_val
+    sub = img[zk]
+    sub[mkid[zk]] = kid_val[mkid[zk]]
+    img[zk] = sub
+    del tex_fine, tex_musc, tex_liver, tex_spleen, tex_kid, kid_val, sub
 
-    # thin dark rim along every organ border (capsule / chemical-shift-like line)
+    # thin dark capsule where two different tissues of the labelled organs meet (chemical-shift-like line)
     organ_edge = _boundary(label) & (label > 0)
     img[organ_edge] -= 0.06
 
@@ -484,9 +477,8 @@ def make_phantom(rng: np.random.Generator, *, size: int = 128, n_slices_range: T
     n1 = rng.standard_normal(shape, dtype=np.float32) * sigma_n
     n2 = rng.standard_normal(shape, dtype=np.float32) * sigma_n
     img = np.sqrt((img + n1) ** 2 + n2 ** 2)
-    # integer grey values like a scanner's (stored as int16 on disk, so the file holds exactly this image)
     gain = rng.uniform(600.0, 1400.0)
-    img = np.clip(np.rint(img * gain), 0, 32767).astype(np.float32)
+    img = (img * gain).astype(np.float32)
 
     # ---- file geometry: arrays stored (H, W, Z); affine = small rotation about z @ diag(spacing) + shift ------
     alpha = math.radians(_jit(rng, 4.0))
@@ -561,11 +553,10 @@ def ensure_phantoms(cache_dir: Optional[Path | str] = None, n_scans: int = 20, s
                     ) -> Path:
     """Write the phantom dataset once as NIfTI in the SSL-ALPNet layout and return its folder.
 
-    Layout: ``<root>/phantoms-v<version>-n<n>-s<seed>-<size>/`` with ``image_<id>.nii.gz`` (int16, the raw
-    MR-like grey values of ``make_phantom(..., normalise=False)``, exactly) and ``label_<id>.nii.gz``
-    (int16), ids ``"1".."n"``, arrays ``(H, W, Z)`` (slice axis 2, like CHAOS-T2) with each scan's affine
-    and zooms, plus ``phantom.json`` (version, seed, label names, ids) and a ``COMPLETE`` marker. ``<root>``
-    is ``phantom_cache_root(cache_dir)``. Takes a few seconds for the default 20 scans at 128 x 128.
+    Layout: ``<root>/phantoms-v<version>-n<n>-s<seed>-<size>/`` with ``image_<id>.nii.gz`` (float32, raw
+    MR-like grey values) and ``label_<id>.nii.gz`` (int16), ids ``"1".."n"``, arrays ``(H, W, Z)`` (slice axis
+    2, like CHAOS-T2) with each scan's affine and zooms, plus ``phantom.json`` (version, seed, label names,
+    ids) and a ``COMPLETE`` marker. ``<root>`` is ``phantom_cache_root(cache_dir)``.
 
     The dataset is generated in a temporary sibling folder and renamed into place, so a crash or a concurrent
     process never exposes a half-written dataset; when the folder already exists with its marker this returns
@@ -587,7 +578,7 @@ def ensure_phantoms(cache_dir: Optional[Path | str] = None, n_scans: int = 20, s
         t0 = time.perf_counter()
         vols = make_phantom_dataset(n_scans=n_scans, seed=seed, size=size, normalise=False)
         for v in vols:
-            img = nib.Nifti1Image(np.ascontiguousarray(v.image.transpose(1, 2, 0).astype(np.int16)), v.affine)
+            img = nib.Nifti1Image(np.ascontiguousarray(v.image.transpose(1, 2, 0)), v.affine)
             img.header.set_xyzt_units("mm")
             nib.save(img, tmp / f"image_{v.id}.nii.gz")
             lab = nib.Nifti1Image(np.ascontiguousarray(v.label.transpose(1, 2, 0)), v.affine)
