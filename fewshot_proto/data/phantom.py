@@ -58,7 +58,7 @@ __all__ = [
     "zscore",
 ]
 
-PHANTOM_VERSION = "1"
+PHANTOM_VERSION = "2"
 
 LABEL_NAMES: Dict[int, str] = {1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
 
