@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fewshot_proto.models import MODELS
+from fewshot_proto.models.checks import check_episode
 from fewshot_proto.models.decoders.unet import UNetDecoder
 from fewshot_proto.models.encoders.base import build_encoder
 from fewshot_proto.models.prototype import CWPA
@@ -121,21 +122,7 @@ class CWPAUNet(nn.Module):
             the full pyramids ``aux["query_feats"]`` / ``aux["support_feats"]`` (lists, fine to coarse) so that
             losses (cyclic consistency) can reuse them instead of re-encoding.
         """
-        if support_img.ndim != 4 or query_img.ndim != 4:
-            raise ValueError(
-                f"CWPAUNet: images must be [N,C,H,W]; got support {tuple(support_img.shape)}, "
-                f"query {tuple(query_img.shape)}"
-            )
-        if support_img.shape[1:] != query_img.shape[1:]:
-            raise ValueError(
-                f"CWPAUNet: support {tuple(support_img.shape)} and query {tuple(query_img.shape)} differ in "
-                f"channels or size"
-            )
-        if support_mask.shape != (support_img.shape[0],) + tuple(support_img.shape[2:]):
-            raise ValueError(
-                f"CWPAUNet: support_mask {tuple(support_mask.shape)} does not match support_img "
-                f"{tuple(support_img.shape)} (expected [S,H,W])"
-            )
+        check_episode("CWPAUNet", support_img, support_mask, query_img)
         s = support_img.shape[0]
         feats = self.encode(torch.cat([support_img, query_img], dim=0))  # one batched pass
         support_feats = [f[:s] for f in feats]
