@@ -12,7 +12,8 @@ One command measures, in one run, with the public API only:
    the steps after the warm-up is reported (with the quartiles: the machine is shared and noisy).
 2. **Episode sampling share**: the time the loop waited for its next episode (the log's ``sample_seconds``)
    over the step time, summed over the timed steps. The sampler's own cost per episode when called directly
-   (no overlap with compute) is reported next to it, for information.
+   (the run's episodes drawn again by a fresh sampler, no overlap with compute) is reported next to it, for
+   information: the prefetch thread hides it from the step only when a core is free for it.
 3. **Achieved GFLOP/s**: FLOPs of one training step (forward + backward of the same episode loss, counted with
    ``torch.utils.flop_counter.FlopCounterMode`` on the first episodes of the run) over the median step time, and
    its ratio to a **GEMM peak** measured in the same run (square matmul, fp32 and bf16, best of several, the same
@@ -58,7 +59,7 @@ TARGETS = [
 REFERENCE = {"method": "SSL-ALPNet", "train_step_s": 2.06, "eval_s_per_query_slice": 0.63, "peak_rss_gib": 2.29}
 
 QUICK = {"size": 32, "steps": 2, "warmup": 1, "gemm_size": 256, "gemm_repeats": 2, "eval_repeats": 0,
-         "flop_episodes": 1, "sampler_episodes": 2}
+         "flop_episodes": 1}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -73,8 +74,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--gemm-size", type=int, default=4096, help="n of the n x n x n matmul of the GEMM peak")
     p.add_argument("--gemm-repeats", type=int, default=5, help="timed matmuls per dtype (best is kept)")
     p.add_argument("--flop-episodes", type=int, default=3, help="episodes whose training step FLOPs are counted")
-    p.add_argument("--sampler-episodes", type=int, default=20, help="episodes timed when calling the sampler "
-                   "directly")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results" / "speed"), help="output prefix: writes OUT.json, OUT.md")
     p.add_argument("--workdir", default=None, help="keep run folders here (default: a temporary folder)")
@@ -233,7 +232,11 @@ def gemm_peak(n: int, repeats: int) -> Dict[str, float]:
 
 
 def count_flops_and_sampler(args: argparse.Namespace, precisions: List[str], workdir: Path) -> Dict[str, Any]:
-    """FLOPs of one training step per precision, and the sampler's own cost per episode at ``--size``."""
+    """FLOPs of one training step per precision, and the sampler's own cost per episode at ``--size``.
+
+    FlopCounterMode counts by operator and shape, so the count is the same under autocast; it is counted per
+    precision anyway (a precision-dependent code path would show up here).
+    """
     import numpy as np
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -258,6 +261,14 @@ def count_flops_and_sampler(args: argparse.Namespace, precisions: List[str], wor
     model = build_model(cfg.model.name, **cfg.model.kwargs).to(device)
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
+    # the episodes of the training run, drawn again by a fresh sampler (same cache state as the run's prefetch
+    # thread); the timed ones are those of the timed steps
+    sample_s = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        source.episode(i)
+        if i >= args.warmup:
+            sample_s.append(time.perf_counter() - t0)
     model.train()
     flops: Dict[str, List[int]] = {p: [] for p in precisions}
     for i in range(max(1, args.flop_episodes)):
@@ -271,11 +282,6 @@ def count_flops_and_sampler(args: argparse.Namespace, precisions: List[str], wor
                                            ce_weights=t.ce_weights)
                 terms["loss"].backward()
             flops[p].append(int(counter.get_total_flops()))
-    sample_s = []
-    for i in range(max(1, args.sampler_episodes)):
-        t0 = time.perf_counter()
-        source.episode(1000 + i)
-        sample_s.append(time.perf_counter() - t0)
     return {"flops_per_step": {p: float(np.median(v)) for p, v in flops.items()}, "flops_samples": flops,
             "sampler_seconds": _quantiles(sample_s)}
 
