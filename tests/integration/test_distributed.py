@@ -58,7 +58,8 @@ RANK_SCRIPT = textwrap.dedent('''
     rank, world = init_distributed(cfg.train.device)
     cfg.train.out = f"{out}/rank{rank}"  # one folder per rank: shows which rank wrote what
     res = train(cfg, progress=False, rank=rank, world_size=world)
-    torch.save({"rank": rank, "world": world, "steps": res.steps, "losses": res.losses, "seen": seen, "initial": initial,
+    torch.save({"rank": rank, "world": world, "steps": res.steps, "losses": res.losses, "seen": seen,
+                "initial": initial,
                 "params": {k: v.detach().clone() for k, v in res.model.named_parameters()},
                 "buffers": {k: v.detach().clone() for k, v in res.model.named_buffers()}},
                f"{out}/rank{rank}.pt")
