@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fewshot_proto.config import apply_overrides, default_config
-from fewshot_proto.episodes.taskset import EpisodeTaskset, SegTask, training_taskset
+from fewshot_proto.engine.taskset import EpisodeTaskset, SegTask, training_taskset
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_works_with_a_dataloader(phantoms):
 
 def test_module_imports_without_learn2learn():
     code = ("import sys; sys.modules['learn2learn'] = None\n"
-            "import fewshot_proto.episodes.taskset as t\n"
+            "import fewshot_proto.engine.taskset as t\n"
             "print(t.EpisodeTaskset.__name__)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "EpisodeTaskset", r.stderr

@@ -21,7 +21,7 @@ episode sampler:
 It is a map-style dataset, so ``DataLoader(taskset, batch_size=None, num_workers=...)`` prefetches tasks.
 Nothing here imports learn2learn; the module is named for what it provides (a task set), not for a dependency.
 
-    from fewshot_proto.episodes.taskset import training_taskset
+    from fewshot_proto.engine.taskset import training_taskset
     tasks = training_taskset(cfg, num_tasks=20000)          # the trainer's sampler for cfg's fold split
     maml = l2l.algorithms.MAML(net, lr=0.1, first_order=True)
     for X_s, y_s, X_q, y_q in tasks:
