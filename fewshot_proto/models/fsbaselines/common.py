@@ -27,7 +27,7 @@ from fewshot_proto.models.checks import check_episode  # re-exported
 from fewshot_proto.models.encoders.base import build_encoder
 from fewshot_proto.types import SegOutput
 
-__all__ = ["ClassPrototypes", "safe_normalize", "class_score", "check_episode", "PrototypeSegmenter"]
+__all__ = ["AdaptationCache", "ClassPrototypes", "safe_normalize", "class_score", "check_episode", "PrototypeSegmenter"]
 
 
 class ClassPrototypes(NamedTuple):
@@ -191,3 +191,53 @@ class PrototypeSegmenter(nn.Module):
                 "support_feats": support_feats,
             },
         )
+
+
+class AdaptationCache:
+    """A small LRU of networks adapted to a support set, for the adapt-then-segment baselines (finetune, MAML).
+
+    The evaluator visits query scan -> class -> chunk, so one support chunk comes back once per query scan; with a
+    single remembered support every chunk was re-adapted (24 adaptations for a 4-query, 2-class, 3-chunk fold where
+    6 do). An entry is reused only while the owner's weights are the very tensors, at the very versions, they were
+    adapted from (``data_ptr`` and ``_version`` of every parameter and buffer), and the support image and mask are
+    equal element for element. ``size`` adapted copies are kept in memory (each as large as the base).
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"cache size must be an integer >= 0, got {size!r}")
+        self.size = size
+        self._items: List[tuple] = []  # (fingerprint, support_img, support_mask, net), most recent last
+
+    @staticmethod
+    def fingerprint(owner: nn.Module, s_img: torch.Tensor) -> Optional[tuple]:
+        """Identity and version counters of ``owner``'s tensors plus the support's shape, dtype and device."""
+        try:
+            weights = tuple((t.data_ptr(), t._version) for t in list(owner.parameters()) + list(owner.buffers()))
+        except RuntimeError:  # tensors created under inference mode have no version counter: never cache
+            return None
+        return weights, tuple(s_img.shape), s_img.dtype, str(s_img.device)
+
+    def get(self, owner: nn.Module, s_img: torch.Tensor, s_mask: torch.Tensor) -> Optional[nn.Module]:
+        fp = self.fingerprint(owner, s_img)
+        if fp is None:
+            return None
+        m = s_mask.float()
+        for i, (key, img, mask, net) in enumerate(self._items):
+            if key == fp and mask.shape == m.shape and torch.equal(img, s_img) and torch.equal(mask, m):
+                self._items.append(self._items.pop(i))
+                return net
+        return None
+
+    def put(self, owner: nn.Module, s_img: torch.Tensor, s_mask: torch.Tensor, net: nn.Module) -> None:
+        fp = self.fingerprint(owner, s_img)
+        if fp is None or self.size == 0:
+            return
+        self._items.append((fp, s_img.clone(), s_mask.float().clone(), net))
+        del self._items[:-self.size]
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)

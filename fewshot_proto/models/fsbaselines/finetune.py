@@ -31,9 +31,9 @@ Adaptation details (deterministic: the flips come from a generator seeded with `
 
 It works under ``torch.inference_mode()`` (the evaluator wraps everything in it): the adaptation runs inside
 ``torch.inference_mode(False)`` + ``torch.enable_grad()`` on clones of the inputs; the query is then segmented
-in the caller's mode. In ``eval()`` mode without grad the adapted copy of the last support set is kept (one
-entry, keyed by the support tensors and the base weights' identity and version counters), so the evaluator's
-batches of query slices from the same support chunk adapt once.
+in the caller's mode. In ``eval()`` mode without grad the copies adapted to the last ``cache_size`` support sets
+are kept (``AdaptationCache``: keyed by the support tensors and the base weights' identity and version counters),
+so each support chunk of an evaluation adapts once, however many query scans and slice batches reuse it.
 
     model = build_model("finetune", base="unet", base_kwargs={"base_channels": 64}, checkpoint="unet.pt")
     out = model(support_img, support_mask, query_img)   # logits [Q, 2, H, W]
@@ -51,7 +51,7 @@ from fewshot_proto.errors import CheckpointError
 from fewshot_proto.losses.ce import weighted_cross_entropy
 from fewshot_proto.losses.dice import dice_bce_loss, dice_loss
 from fewshot_proto.models import MODELS, build_model
-from fewshot_proto.models.fsbaselines.common import check_episode
+from fewshot_proto.models.fsbaselines.common import AdaptationCache, check_episode
 from fewshot_proto.types import SegOutput
 
 __all__ = ["FineTuneOnSupport", "LOSSES", "OPTIMIZERS", "read_base_checkpoint", "finetune"]
@@ -123,7 +123,9 @@ class FineTuneOnSupport(nn.Module):
         optimizer: ``"adam"`` (default) or ``"sgd"`` (momentum 0.9).
         flips: random left-right / up-down flips of the support at every step.
         seed: seed of the flip generator (re-seeded at every call: same support -> same adapted copy).
-        cache_support: keep the adapted copy of the last support set in ``eval()`` mode without grad.
+        cache_support: in ``eval()`` mode without grad, keep the copies adapted to the last ``cache_size``
+            support sets (an :class:`~fewshot_proto.models.fsbaselines.common.AdaptationCache`).
+        cache_size: how many adapted copies to keep (each as large as the base).
 
     Attributes:
         kind: ``"fewshot"``; ``supports_cyclic``: ``False``; ``base``: the pretrained network (the only
@@ -157,6 +159,7 @@ class FineTuneOnSupport(nn.Module):
         seed: int = 0,
         cache_support: bool = True,
         reinit_head: bool = False,
+        cache_size: int = 8,
     ) -> None:
         super().__init__()
         if not isinstance(base, str) or base == "finetune":
@@ -206,7 +209,7 @@ class FineTuneOnSupport(nn.Module):
         self.seed = int(seed)
         self.cache_support = bool(cache_support)
         self.adaptations = 0
-        self._cache: Optional[Tuple[Any, nn.Module]] = None
+        self._cache = AdaptationCache(cache_size)
         self.config: Dict[str, Any] = {
             "base": base,
             "base_kwargs": resolved,
@@ -219,6 +222,7 @@ class FineTuneOnSupport(nn.Module):
             "seed": self.seed,
             "cache_support": self.cache_support,
             "reinit_head": bool(reinit_head),
+            "cache_size": self._cache.size,
         }
 
     def _load_base(self, state: Dict[str, torch.Tensor], path: Union[str, Path], partial: bool) -> None:
@@ -254,27 +258,6 @@ class FineTuneOnSupport(nn.Module):
         if self.loss == "dice":
             return dice_loss(logits, target, softmax=True, include_background=False)
         return dice_bce_loss(logits[:, 1] - logits[:, 0], target.float())
-
-    def _fingerprint(self, s_img: torch.Tensor) -> Optional[tuple]:
-        """Identity and version counters of the base's tensors, plus the support's shape/dtype/device."""
-        try:
-            tensors = list(self.base.parameters()) + list(self.base.buffers())
-            base = tuple((t.data_ptr(), t._version) for t in tensors)
-        except RuntimeError:  # tensors without a version counter (built under inference mode): no caching
-            return None
-        return base, tuple(s_img.shape), s_img.dtype, str(s_img.device)
-
-    def _cached(self, s_img: torch.Tensor, s_mask: torch.Tensor) -> Optional[nn.Module]:
-        if self._cache is None:
-            return None
-        (fp, img, mask), net = self._cache
-        if fp is None or fp != self._fingerprint(s_img):
-            return None
-        if img.shape != s_img.shape or mask.shape != s_mask.shape:
-            return None
-        if torch.equal(img, s_img) and torch.equal(mask, s_mask.float()):
-            return net
-        return None
 
     def adapt(self, support_img: torch.Tensor, support_mask: torch.Tensor) -> nn.Module:
         """A copy of ``base`` trained ``steps`` steps on the support (``base`` itself is not modified).
@@ -335,19 +318,18 @@ class FineTuneOnSupport(nn.Module):
         """
         check_episode("FineTuneOnSupport", support_img, support_mask, query_img)
         use_cache = self.cache_support and not self.training and not torch.is_grad_enabled()
-        net = self._cached(support_img, support_mask) if use_cache else None
+        net = self._cache.get(self.base, support_img, support_mask) if use_cache else None
         if net is None:
             net = self.adapt(support_img, support_mask)
             if use_cache:
-                key = (self._fingerprint(support_img), support_img.clone(), support_mask.float().clone())
-                self._cache = (key, net)
+                self._cache.put(self.base, support_img, support_mask, net)
         # the query is segmented in the caller's grad / inference mode
         logits = self._logits(net, support_img, support_mask.float(), query_img)
         return SegOutput(logits=logits, aux={})
 
     def train(self, mode: bool = True) -> "FineTuneOnSupport":
-        """Switch mode and drop the cached adapted copy."""
-        self._cache = None
+        """Switch mode and drop the cached adapted copies."""
+        self._cache.clear()
         return super().train(mode)
 
     def extra_repr(self) -> str:
@@ -370,6 +352,7 @@ def finetune(
     seed: int = 0,
     cache_support: bool = True,
     reinit_head: bool = False,
+    cache_size: int = 8,
 ) -> FineTuneOnSupport:
     """Build ``FineTuneOnSupport`` (registered as ``"finetune"``); the kwargs are stored in ``model.config``."""
     return FineTuneOnSupport(
@@ -384,4 +367,5 @@ def finetune(
         seed=seed,
         cache_support=cache_support,
         reinit_head=reinit_head,
+        cache_size=cache_size,
     )

@@ -17,9 +17,9 @@ How it evaluates: the evaluator runs everything under ``torch.inference_mode()``
 inference mode) clones the base *without* a graph (under ``no_grad``), makes the clone's tensors trainable leaves
 and adapts it inside ``torch.inference_mode(False)`` + ``torch.enable_grad()`` on clones of the inputs (as
 ``finetune`` does), so nothing reaches the base: its state dict is bit-identical afterwards (tested). The query
-is segmented in the caller's mode. Without grad and in ``eval()`` mode the adapted clone of the last support set
-is kept (keyed by the support tensors and the base tensors' identity and version counters), so the evaluator's
-batches of query slices of one support chunk adapt once.
+is segmented in the caller's mode. Without grad and in ``eval()`` mode the clones adapted to the last
+``cache_size`` support sets are kept (``AdaptationCache``: keyed by the support tensors and the base tensors'
+identity and version counters), so each support chunk of an evaluation adapts once.
 
 Inner loop: every step uses all S support slices; loss ``"dice_bce"`` (default: 0.8 soft Dice + 0.2 BCE on
 ``z = fg - bg``, insensitive to how small the organ is), ``"ce"`` or ``"dice"`` (the same choices as
@@ -65,6 +65,7 @@ from fewshot_proto.losses.ce import weighted_cross_entropy
 from fewshot_proto.losses.dice import dice_bce_loss, dice_loss
 from fewshot_proto.models import MODELS, build_model
 from fewshot_proto.models.checks import check_episode
+from fewshot_proto.models.fsbaselines.common import AdaptationCache
 from fewshot_proto.types import SegOutput
 
 __all__ = ["MAMLSegmenter", "Learn2LearnMissing", "import_learn2learn", "INSTALL_RECIPE", "LOSSES", "maml_unet"]
@@ -171,7 +172,9 @@ class MAMLSegmenter(nn.Module):
         inner_lr: learning rate of the inner SGD steps (learn2learn's ``MAML(lr=...)``).
         loss: inner-loop loss on the support: ``"dice_bce"`` (default), ``"ce"`` or ``"dice"``.
         first_order: ``True`` (default): FOMAML; ``False``: second-order MAML in grad mode.
-        cache_support: keep the adapted clone of the last support set in ``eval()`` mode without grad.
+        cache_support: in ``eval()`` mode without grad, keep the clones adapted to the last ``cache_size``
+            support sets (an :class:`~fewshot_proto.models.fsbaselines.common.AdaptationCache`).
+        cache_size: how many adapted clones to keep.
 
     Attributes:
         kind: ``"fewshot"``; ``supports_cyclic``: ``False``; ``maml``: the ``l2l.algorithms.MAML`` wrapper whose
@@ -201,6 +204,7 @@ class MAMLSegmenter(nn.Module):
         loss: str = "dice_bce",
         first_order: bool = True,
         cache_support: bool = True,
+        cache_size: int = 8,
     ) -> None:
         super().__init__()
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
@@ -222,7 +226,7 @@ class MAMLSegmenter(nn.Module):
         self.first_order = bool(first_order)
         self.cache_support = bool(cache_support)
         self.adaptations = 0
-        self._cache: Optional[Tuple[Any, nn.Module]] = None
+        self._cache = AdaptationCache(cache_size)
         self.config: Dict[str, Any] = {
             "in_channels": net.config["in_channels"],
             "base_channels": net.config["base_channels"],
@@ -234,6 +238,7 @@ class MAMLSegmenter(nn.Module):
             "loss": loss,
             "first_order": self.first_order,
             "cache_support": self.cache_support,
+            "cache_size": self._cache.size,
         }
 
     @property
@@ -293,24 +298,6 @@ class MAMLSegmenter(nn.Module):
         return learner
 
     # ---- caching of the last adapted clone (evaluation) ---------------------------------------------------
-    def _fingerprint(self, s_img: torch.Tensor) -> Optional[tuple]:
-        try:
-            base = tuple((t.data_ptr(), t._version) for t in list(self.parameters()) + list(self.buffers()))
-        except RuntimeError:  # tensors built under inference mode have no version counter: no caching
-            return None
-        return base, tuple(s_img.shape), s_img.dtype, str(s_img.device)
-
-    def _cached(self, s_img: torch.Tensor, s_mask: torch.Tensor) -> Optional[nn.Module]:
-        if self._cache is None:
-            return None
-        (fp, img, mask), learner = self._cache
-        if fp is None or fp != self._fingerprint(s_img):
-            return None
-        if img.shape == s_img.shape and mask.shape == s_mask.shape and torch.equal(img, s_img) \
-                and torch.equal(mask, s_mask.float()):
-            return learner
-        return None
-
     # ---- the one forward ----------------------------------------------------------------------------------
     def forward(self, support_img: torch.Tensor, support_mask: torch.Tensor, query_img: torch.Tensor) -> SegOutput:
         """Adapt a clone of the base on the support, segment the query with it.
@@ -326,18 +313,17 @@ class MAMLSegmenter(nn.Module):
         check_episode("MAMLSegmenter", support_img, support_mask, query_img)
         self.base.check_input(support_img, "support_img")
         use_cache = self.cache_support and not self.training and not torch.is_grad_enabled()
-        learner = self._cached(support_img, support_mask) if use_cache else None
+        learner = self._cache.get(self, support_img, support_mask) if use_cache else None
         if learner is None:
             learner = self.adapt(support_img, support_mask)
             if use_cache:
-                self._cache = ((self._fingerprint(support_img), support_img.clone(), support_mask.float().clone()),
-                               learner)
+                self._cache.put(self, support_img, support_mask, learner)
         logits = learner.module.segment_image(query_img)
         return SegOutput(logits=logits, aux={})
 
     def train(self, mode: bool = True) -> "MAMLSegmenter":
-        """Switch mode and drop the cached adapted clone."""
-        self._cache = None
+        """Switch mode and drop the cached adapted clones."""
+        self._cache.clear()
         return super().train(mode)
 
     def extra_repr(self) -> str:
@@ -357,8 +343,9 @@ def maml_unet(
     loss: str = "dice_bce",
     first_order: bool = True,
     cache_support: bool = True,
+    cache_size: int = 8,
 ) -> MAMLSegmenter:
     """Build ``MAMLSegmenter`` (registered as ``"maml_unet"``; needs learn2learn); kwargs kept in ``model.config``."""
     return MAMLSegmenter(in_channels=in_channels, base_channels=base_channels, depth=depth, norm=norm,
                          out_mode=out_mode, inner_steps=inner_steps, inner_lr=inner_lr, loss=loss,
-                         first_order=first_order, cache_support=cache_support)
+                         first_order=first_order, cache_support=cache_support, cache_size=cache_size)

@@ -460,18 +460,19 @@ def test_finetune_under_inference_mode_equals_no_grad_and_adapts():
 
 def test_finetune_adaptation_lowers_the_support_loss():
     torch.manual_seed(0)
-    model = build_model("finetune", **dict(FT_SMALL, steps=15, lr=3e-2, loss="ce")).eval()
+    # lr 3e-2 oscillates on some CPUs (the loss ended above where it started); 1e-2 falls to about a third
+    model = build_model("finetune", **dict(FT_SMALL, steps=15, lr=1e-2, loss="ce")).eval()
     s_img, s_mask, _, _ = _episode(1, 1, 64)
     target = s_mask.long()
     with torch.no_grad():
         before = F.cross_entropy(model.base.segment_image(s_img), target)
         net = model.adapt(s_img, s_mask)
         after = F.cross_entropy(net.segment_image(s_img), target)
-    assert after < before
+    assert after < 0.5 * before
     assert all(not p.requires_grad for p in net.parameters())
 
 
-def test_finetune_caches_the_last_support_in_eval():
+def test_finetune_caches_recent_supports_in_eval():
     torch.manual_seed(0)
     model = build_model("finetune", **FT_SMALL).eval()
     s_img, s_mask, q_img, _ = _episode(1, 3, 64)
@@ -481,6 +482,8 @@ def test_finetune_caches_the_last_support_in_eval():
         assert model.adaptations == 1  # two query batches, one support: one adaptation
         model(s_img, 1.0 - s_mask, q_img[:1])
         assert model.adaptations == 2  # another support
+        model(s_img, s_mask, q_img[:1])
+        assert model.adaptations == 2  # the first support is still cached
     original = _state_copy(model.base)
     with torch.no_grad():
         model.base.head.conv.bias.add_(1.0)  # the base changed: the cached copy is stale
@@ -587,3 +590,26 @@ def test_finetune_multiclass_base_needs_reinit_head(tmp_path):
     s_img, s_mask, q_img, _ = _episode(1, 1, 64)
     with torch.inference_mode():
         assert model(s_img, s_mask, q_img).logits.shape == (1, 2, 64, 64)
+
+
+def test_adaptation_cache_is_lru_and_keyed_by_weights_and_support():
+    from fewshot_proto.models.fsbaselines import AdaptationCache
+
+    owner = torch.nn.Linear(2, 2)
+    cache = AdaptationCache(2)
+    imgs = [torch.full((1, 3, 4, 4), float(i)) for i in range(3)]
+    mask = torch.zeros(1, 4, 4)
+    nets = [torch.nn.Identity() for _ in range(3)]
+    for img, net in zip(imgs[:2], nets[:2]):
+        cache.put(owner, img, mask, net)
+    assert cache.get(owner, imgs[0], mask) is nets[0]  # now the most recent
+    cache.put(owner, imgs[2], mask, nets[2])  # evicts imgs[1], the least recently used
+    assert len(cache) == 2
+    assert cache.get(owner, imgs[1], mask) is None
+    assert cache.get(owner, imgs[0], mask) is nets[0] and cache.get(owner, imgs[2], mask) is nets[2]
+    assert cache.get(owner, imgs[0], mask + 1) is None  # another mask
+    with torch.no_grad():
+        owner.weight.add_(0.0)  # a weight update (version counter) invalidates every entry
+    assert cache.get(owner, imgs[0], mask) is None
+    with pytest.raises(ValueError, match="cache size"):
+        AdaptationCache(-1)

@@ -113,7 +113,7 @@ def test_registered_with_kind_config_and_learn2learn_wrapper(l2l, model):
     assert model.maml.lr == model.inner_lr == 0.1
     assert model.config == {"in_channels": 3, "base_channels": 4, "depth": 4, "norm": "instance",
                             "out_mode": "softmax", "inner_steps": 2, "inner_lr": 0.1, "loss": "dice_bce",
-                            "first_order": True, "cache_support": True}
+                            "first_order": True, "cache_support": True, "cache_size": 8}
     rebuilt = build_model("maml_unet", **model.config)
     assert rebuilt.config == model.config
     rebuilt.load_state_dict(model.state_dict())  # same keys and shapes
@@ -225,7 +225,7 @@ def test_inference_mode_adapts_a_detached_clone_and_never_touches_the_base(model
     _assert_same_state(before, model.state_dict())
     assert all(p.grad is None for p in model.parameters())
     with torch.no_grad():
-        model._cache = None
+        model._cache.clear()
         out_ng = model(s_img, s_mask, q_img).logits
     assert torch.equal(out_inf, out_ng)  # deterministic, same path
     with torch.no_grad():
@@ -247,7 +247,7 @@ def test_inner_steps_lower_the_support_loss(model):
     assert after < before
 
 
-def test_eval_caches_the_last_support_and_training_drops_it(model):
+def test_eval_caches_recent_supports_and_training_drops_them(model):
     s_img, s_mask, q_img, _ = _episode(1, 4)
     model.eval()
     with torch.inference_mode():
@@ -259,13 +259,15 @@ def test_eval_caches_the_last_support_and_training_drops_it(model):
         assert torch.allclose(torch.cat([a, b]), full, atol=1e-5)  # per-slice norm: batch-independent
         model(s_img, 1 - s_mask, q_img[:1])
         assert model.adaptations == 2  # another support set
+        model(s_img, s_mask, q_img[:1])
+        assert model.adaptations == 2  # the first support set is still cached (LRU of cache_size entries)
     with torch.no_grad():
         p = next(model.parameters())
         p.add_(0.0)  # a weight update (version counter) invalidates the cached clone
         model(s_img, 1 - s_mask, q_img[:1])
     assert model.adaptations == 3
     model.train()
-    assert model._cache is None
+    assert len(model._cache) == 0
 
 
 def test_evaluator_leaves_the_base_bit_identical(l2l):
