@@ -22,7 +22,7 @@ Rows (``--methods`` picks a subset of the method names in brackets):
   scans of the fold (``supervised.n_labelled`` 1, 2, 4 and all, nested choices with selection seed 0), one model
   per ``n``; reduced widths for CPU (stated in each row).
 
-    python benchmarks/fewshot_vs_supervised.py                       # built-in phantoms, ~25-30 min on 2 threads
+    python benchmarks/fewshot_vs_supervised.py                       # built-in phantoms, ~35 min on 2 threads
     python benchmarks/fewshot_vs_supervised.py --methods unet,panet  # a subset (rows merge into the results)
     python benchmarks/fewshot_vs_supervised.py --resume              # skip rows already in the results
     python benchmarks/fewshot_vs_supervised.py --data ../shared/data/chaos_t2 --budget-scale 4   # real data, 256 px
@@ -58,16 +58,17 @@ ALL_METHODS = FEWSHOT_METHODS + SUPERVISED_METHODS
 LABELLED = [1, 2, 4, None]  # None: all training scans of the fold
 
 #: Training wall-time budget in seconds per method (default run, before --budget-scale). The phantom default
-#: adds up to 300 + 150 + 150 + 120 + 150 + 12 * 45 = 1410 s of training; evaluation adds a few minutes.
+#: adds up to 420 + 150 + 150 + 120 + 150 + 12 * 75 = 1890 s of training; evaluation adds a few minutes. cwpa_unet
+#: gets about the wall time of the library's default `train --shots 1` run.
 BUDGETS: Dict[str, float] = {
-    "cwpa_unet": 300.0,
+    "cwpa_unet": 420.0,
     "panet": 150.0,
     "alpnet": 150.0,
     "finetune": 120.0,  # pretraining of the U-Net base on the training classes
     "maml_unet": 150.0,
-    "unet": 45.0,  # each of n_labelled = 1, 2, 4, all
-    "resupnet": 45.0,
-    "mobilenet_aspp_se_unet": 45.0,
+    "unet": 75.0,  # each of n_labelled = 1, 2, 4, all
+    "resupnet": 75.0,
+    "mobilenet_aspp_se_unet": 75.0,
 }
 #: Iteration cap per training run (the budget normally binds first).
 MAX_ITERS = 100_000
