@@ -125,3 +125,25 @@ def test_setting2_view_drops_every_test_class_slice(bench):
         assert not np.isin(kept, [2, 3]).any()
         np.testing.assert_array_equal(view.load(sid).image, ds.load(sid).image[~has_test])
     assert set(view.slice_index().classes) <= {1, 4}
+
+
+def test_quick_run_on_real_chaos_t2(bench, real_data_dir, tmp_path):
+    """The ``--data`` path on the real CHAOS-T2 volumes (skipped when ../shared/data is absent): a few-shot and a
+    supervised row, results under the data folder's stem, Dice finite in [0, 1]."""
+    chaos = real_data_dir / "chaos_t2"
+    if not chaos.is_dir():
+        pytest.skip(f"{chaos} not present")
+    n = torch.get_num_threads()
+    try:
+        rc = bench.main(["--quick", "--threads", "1", "--data", str(chaos), "--layout", "alpnet",
+                         "--methods", "alpnet,unet", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")])
+    finally:
+        torch.set_num_threads(n)
+    assert rc == 0
+    doc = json.loads((tmp_path / "fewshot_vs_supervised_chaos_t2.json").read_text())
+    assert doc["setup"]["data"] == "chaos_t2"
+    assert sorted(doc["rows"]) == sorted(bench.planned_rows(["alpnet", "unet"]))
+    for rid, row in doc["rows"].items():
+        assert row["status"] == "ok", (rid, row["status"])
+        assert set(row["dice"]) == {"2", "3"}, rid
+        assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in row["dice"].values()), (rid, row["dice"])
