@@ -89,16 +89,10 @@ class EpisodeTaskset:
     # ---- episodes -----------------------------------------------------------------------------------------
     def episode(self, i: int):
         """The raw :class:`~fewshot_proto.types.Episode` of task ``i`` (numpy arrays and ``meta``)."""
+        from fewshot_proto.engine.trainer import _sample_with  # the trainer's own rule, so task i == step i
+
         i = self._index(i)
-        rng = np.random.default_rng([self.seed, self.rank, i])
-
-        def set_rng(s: Any) -> None:
-            s.rng = rng
-            for child in getattr(s, "samplers", None) or []:
-                set_rng(child)
-
-        set_rng(self.sampler)
-        return self.sampler.sample()
+        return _sample_with(self.sampler, np.random.default_rng([self.seed, self.rank, i]))
 
     def _index(self, i: Any) -> int:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
