@@ -27,13 +27,16 @@ learn2learn is optional: this package imports without it; building ``"maml_unet"
 from __future__ import annotations
 
 from fewshot_proto.models.fsbaselines.alpnet import ALPNet, alpnet_prototypes, local_prototypes, mask_fraction
-from fewshot_proto.models.fsbaselines.common import AdaptationCache, ClassPrototypes, PrototypeSegmenter, class_score
+from fewshot_proto.models.fsbaselines.common import (ADAPTATION_LOSSES, AdaptationCache, ClassPrototypes,
+                                                    PrototypeSegmenter, adaptation_loss, class_score)
 from fewshot_proto.models.fsbaselines.finetune import FineTuneOnSupport, read_base_checkpoint
 from fewshot_proto.models.fsbaselines.maml import Learn2LearnMissing, MAMLSegmenter
 from fewshot_proto.models.fsbaselines.panet import PANet, panet_prototypes
 
 __all__ = [
+    "ADAPTATION_LOSSES",
     "AdaptationCache",
+    "adaptation_loss",
     "ALPNet",
     "ClassPrototypes",
     "FineTuneOnSupport",

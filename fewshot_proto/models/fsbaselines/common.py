@@ -17,17 +17,20 @@ N number of prototypes of one class.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshot_proto.losses.ce import weighted_cross_entropy
+from fewshot_proto.losses.dice import dice_bce_loss, dice_loss
 from fewshot_proto.models.checks import check_episode  # re-exported
 from fewshot_proto.models.encoders.base import build_encoder
 from fewshot_proto.types import SegOutput
 
-__all__ = ["AdaptationCache", "ClassPrototypes", "safe_normalize", "class_score", "check_episode", "PrototypeSegmenter"]
+__all__ = ["ADAPTATION_LOSSES", "AdaptationCache", "adaptation_loss", "ClassPrototypes", "safe_normalize",
+           "class_score", "check_episode", "PrototypeSegmenter"]
 
 
 class ClassPrototypes(NamedTuple):
@@ -229,6 +232,17 @@ class AdaptationCache:
                 return net
         return None
 
+    def get_or_adapt(self, owner: nn.Module, s_img: torch.Tensor, s_mask: torch.Tensor,
+                     adapt: Callable[[torch.Tensor, torch.Tensor], nn.Module], *, use: bool) -> nn.Module:
+        """The network adapted to this support: from the cache when ``use`` and present, else ``adapt(...)``
+        (stored when ``use``)."""
+        net = self.get(owner, s_img, s_mask) if use else None
+        if net is None:
+            net = adapt(s_img, s_mask)
+            if use:
+                self.put(owner, s_img, s_mask, net)
+        return net
+
     def put(self, owner: nn.Module, s_img: torch.Tensor, s_mask: torch.Tensor, net: nn.Module) -> None:
         fp = self.fingerprint(owner, s_img)
         if fp is None or self.size == 0:
@@ -241,3 +255,21 @@ class AdaptationCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+#: the support losses of the adapt-then-segment baselines (fine-tune, MAML)
+ADAPTATION_LOSSES = ("dice_bce", "ce", "dice")
+
+
+def adaptation_loss(logits: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """Loss of binary logits ``[N, 2, H, W]`` against ``target[N, H, W]`` in {0, 1}, in float32.
+
+    ``"ce"``: cross-entropy; ``"dice"``: soft Dice of the foreground softmax; ``"dice_bce"``: 0.8 soft Dice + 0.2
+    BCE on ``z = fg - bg`` (the foreground softmax's logit).
+    """
+    logits = logits.float()
+    if loss == "ce":
+        return weighted_cross_entropy(logits, target)
+    if loss == "dice":
+        return dice_loss(logits, target, softmax=True, include_background=False)
+    return dice_bce_loss(logits[:, 1] - logits[:, 0], target.float())

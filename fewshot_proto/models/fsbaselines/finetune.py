@@ -48,15 +48,13 @@ import torch
 from torch import nn
 
 from fewshot_proto.errors import CheckpointError
-from fewshot_proto.losses.ce import weighted_cross_entropy
-from fewshot_proto.losses.dice import dice_bce_loss, dice_loss
 from fewshot_proto.models import MODELS, build_model
-from fewshot_proto.models.fsbaselines.common import AdaptationCache, check_episode
+from fewshot_proto.models.fsbaselines.common import ADAPTATION_LOSSES, AdaptationCache, adaptation_loss, check_episode
 from fewshot_proto.types import SegOutput
 
 __all__ = ["FineTuneOnSupport", "LOSSES", "OPTIMIZERS", "read_base_checkpoint", "finetune"]
 
-LOSSES = ("dice_bce", "ce", "dice")
+LOSSES = ADAPTATION_LOSSES
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -252,12 +250,7 @@ class FineTuneOnSupport(nn.Module):
         return net(s_img, s_mask, x).logits
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if self.loss == "ce":
-            return weighted_cross_entropy(logits, target)
-        if self.loss == "dice":
-            return dice_loss(logits, target, softmax=True, include_background=False)
-        return dice_bce_loss(logits[:, 1] - logits[:, 0], target.float())
+        return adaptation_loss(logits, target, self.loss)
 
     def adapt(self, support_img: torch.Tensor, support_mask: torch.Tensor) -> nn.Module:
         """A copy of ``base`` trained ``steps`` steps on the support (``base`` itself is not modified).
@@ -318,11 +311,7 @@ class FineTuneOnSupport(nn.Module):
         """
         check_episode("FineTuneOnSupport", support_img, support_mask, query_img)
         use_cache = self.cache_support and not self.training and not torch.is_grad_enabled()
-        net = self._cache.get(self.base, support_img, support_mask) if use_cache else None
-        if net is None:
-            net = self.adapt(support_img, support_mask)
-            if use_cache:
-                self._cache.put(self.base, support_img, support_mask, net)
+        net = self._cache.get_or_adapt(self.base, support_img, support_mask, self.adapt, use=use_cache)
         # the query is segmented in the caller's grad / inference mode
         logits = self._logits(net, support_img, support_mask.float(), query_img)
         return SegOutput(logits=logits, aux={})

@@ -55,22 +55,20 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict
 
 import torch
 from torch import nn
 
 from fewshot_proto.errors import FewShotError
-from fewshot_proto.losses.ce import weighted_cross_entropy
-from fewshot_proto.losses.dice import dice_bce_loss, dice_loss
 from fewshot_proto.models import MODELS, build_model
 from fewshot_proto.models.checks import check_episode
-from fewshot_proto.models.fsbaselines.common import AdaptationCache
+from fewshot_proto.models.fsbaselines.common import ADAPTATION_LOSSES, AdaptationCache, adaptation_loss
 from fewshot_proto.types import SegOutput
 
 __all__ = ["MAMLSegmenter", "Learn2LearnMissing", "import_learn2learn", "INSTALL_RECIPE", "LOSSES", "maml_unet"]
 
-LOSSES = ("ce", "dice_bce", "dice")
+LOSSES = ADAPTATION_LOSSES
 
 #: the only install that works for learn2learn 0.2.0 on Python 3.11 (no wheel; its shipped C sources do not
 #: compile, so Cython regenerates them; --no-deps because its declared dependencies would downgrade numpy)
@@ -248,12 +246,7 @@ class MAMLSegmenter(nn.Module):
 
     # ---- inner loop ---------------------------------------------------------------------------------------
     def _inner_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if self.loss == "ce":
-            return weighted_cross_entropy(logits, target)
-        if self.loss == "dice":
-            return dice_loss(logits, target, softmax=True, include_background=False)
-        return dice_bce_loss(logits[:, 1] - logits[:, 0], target.float())
+        return adaptation_loss(logits, target, self.loss)
 
     def _run_steps(self, learner: nn.Module, x: torch.Tensor, m: torch.Tensor) -> None:
         """``inner_steps`` learn2learn ``adapt`` steps of ``learner`` on ``(x, m)``, float32, autocast off."""
@@ -297,7 +290,6 @@ class MAMLSegmenter(nn.Module):
         self.adaptations += 1
         return learner
 
-    # ---- caching of the last adapted clone (evaluation) ---------------------------------------------------
     # ---- the one forward ----------------------------------------------------------------------------------
     def forward(self, support_img: torch.Tensor, support_mask: torch.Tensor, query_img: torch.Tensor) -> SegOutput:
         """Adapt a clone of the base on the support, segment the query with it.
@@ -313,11 +305,7 @@ class MAMLSegmenter(nn.Module):
         check_episode("MAMLSegmenter", support_img, support_mask, query_img)
         self.base.check_input(support_img, "support_img")
         use_cache = self.cache_support and not self.training and not torch.is_grad_enabled()
-        learner = self._cache.get(self, support_img, support_mask) if use_cache else None
-        if learner is None:
-            learner = self.adapt(support_img, support_mask)
-            if use_cache:
-                self._cache.put(self, support_img, support_mask, learner)
+        learner = self._cache.get_or_adapt(self, support_img, support_mask, self.adapt, use=use_cache)
         logits = learner.module.segment_image(query_img)
         return SegOutput(logits=logits, aux={})
 
