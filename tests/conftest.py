@@ -12,6 +12,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture
+def one_thread():
+    """Run the test with one torch intra-op thread (restored afterwards). Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``: small models run no faster on two threads, and one
+    keeps them steady when other processes share the machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
     """``<repo>/../shared/data`` (CHAOS-T2 and MSD hippocampus), or skip the test when it is absent."""

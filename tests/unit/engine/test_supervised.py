@@ -26,12 +26,7 @@ from fewshot_proto.models import build_model
 UNET_SMALL = {"base_channels": 8, "batch_norm": True}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

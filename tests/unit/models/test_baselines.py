@@ -57,12 +57,7 @@ SMALL: Dict[str, Dict[str, Any]] = {
 STRIDE = {"unet": 16, "resupnet": 16, "mobilenet_aspp_se_unet": 32}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _episode(s: int, q: int, size: int, channels: int = 3, seed: int = 0):

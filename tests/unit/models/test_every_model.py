@@ -43,12 +43,7 @@ TINY_KWARGS: Dict[str, Dict[str, Any]] = {
 NAMES = fewshot_proto.list_models()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ from fewshot_proto.models.fsbaselines import MAMLSegmenter
 SMALL: Dict[str, Any] = {"base_channels": 4, "inner_steps": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _episode(s: int, q: int, size: int = 32, seed: int = 0):
