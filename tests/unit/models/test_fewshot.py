@@ -13,7 +13,10 @@ from fewshot_proto.types import SegOutput
 # Counted from the architecture as built: torchvision ResNet-34 without fc (21,284,672) + U-Net decoder
 # (4,749,954: stages 1280->256, 384->128, 192->64, 128->64 with two 3x3 Conv-BN-ReLU and a 2x2 transposed conv
 # each, plus the 1x1 head 64->2). DESIGN.md rounds this to "~25 M".
-N_PARAMS = 26_034_626
+N_PARAMS_NO_HEAD = 26_034_626
+# + the residual prototype head's bias-free 1x1 projection: F5 512 -> 256 (default), or hypercolumn (128 + 512) -> 256
+N_PARAMS = N_PARAMS_NO_HEAD + 512 * 256
+N_PARAMS_HYPER_HEAD = N_PARAMS_NO_HEAD + 640 * 256
 
 
 def _episode(s: int, q: int, size: int, seed: int = 0):
@@ -47,13 +50,51 @@ def test_registered_and_built_by_name(model):
     assert isinstance(model, CWPAUNet) and model.kind == "fewshot"
     assert model.config == {
         "encoder": "resnet34", "weights": None, "tau": 0.5, "temperature": 0.1, "num_classes": 2,
-        "use_background": False, "in_channels": 3, "norm": "batch",
+        "use_background": False, "in_channels": 3, "norm": "batch", "prototype_head": "f5",
+        "head_dim": 256, "head_scaler": 20.0,
     }
 
 
 def test_parameter_count(model):
     assert sum(p.numel() for p in model.parameters()) == N_PARAMS
     assert all(p.requires_grad for p in model.parameters())
+    assert sum(p.numel() for p in build_model("cwpa_unet", prototype_head=None).parameters()) == N_PARAMS_NO_HEAD
+    hyper = build_model("cwpa_unet", prototype_head="hypercolumn")
+    assert sum(p.numel() for p in hyper.parameters()) == N_PARAMS_HYPER_HEAD
+
+
+def test_untrained_model_is_the_prototype_matcher_and_no_head_is_the_decoder_alone():
+    """The decoder's classifier starts at zero, so the untrained logits are exactly the head's scores."""
+    torch.manual_seed(0)
+    m = build_model("cwpa_unet").eval()
+    s_img, s_mask, q_img, _ = _episode(1, 2, 64, seed=4)
+    with torch.no_grad():
+        out = m(s_img, s_mask, q_img)
+        q_feats = m.encode(q_img)
+        scores = m.head(q_feats, m.prototypes(m.encode(s_img), s_mask).head, (64, 64))
+    torch.testing.assert_close(out.logits, scores, rtol=1e-5, atol=1e-5)
+    assert out.logits.abs().max() > 0.1 and out.logits.abs().max() <= 20.0 + 1e-4  # scaler * cosine
+    assert out.aux["head_prototypes"].fg.shape[1] == 256
+
+    torch.manual_seed(0)
+    plain = build_model("cwpa_unet", prototype_head=None).eval()
+    assert plain.head is None and plain.decoder.head.weight.abs().sum() > 0
+    with torch.no_grad():
+        p_out = plain(s_img, s_mask, q_img)
+        dec = plain.decoder(plain.cwpa(plain.encode(q_img)[-1], p_out.aux["prototypes"]), plain.encode(q_img)[:-1])
+    assert p_out.aux["head_prototypes"] is None
+    torch.testing.assert_close(p_out.logits, dec)
+
+
+def test_head_options_are_validated():
+    with pytest.raises(ValueError, match="features must be one of"):
+        build_model("cwpa_unet", prototype_head="f3")
+    with pytest.raises(ValueError, match="num_classes=2"):
+        build_model("cwpa_unet", num_classes=3)
+    m = build_model("cwpa_unet").eval()
+    s_img, s_mask, q_img, _ = _episode(1, 1, 64)
+    with torch.no_grad(), pytest.raises(ValueError, match="CWPAPrototypes"):
+        m.segment(m.encode(q_img), torch.zeros(1, 512))
 
 
 @pytest.mark.parametrize("shots,size", [(1, 128), (5, 128), (1, 64), (5, 64)])
@@ -89,7 +130,8 @@ def test_stepwise_api_matches_forward_in_eval(model):
         out = model(s_img, s_mask, q_img)
         protos = model.prototypes(model.encode(s_img), s_mask)
         logits = model.segment(model.encode(q_img), protos)
-    torch.testing.assert_close(protos, out.aux["prototypes"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(protos.local, out.aux["prototypes"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(protos.head.fg, out.aux["head_prototypes"].fg, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits, out.logits, rtol=1e-4, atol=1e-4)
 
 
@@ -97,6 +139,12 @@ def test_gradients_reach_every_parameter_after_ce_align_cyc():
     torch.manual_seed(0)
     m = build_model("cwpa_unet").train()
     s_img, s_mask, q_img, q_mask = _episode(1, 1, 64, seed=1)
+    # the decoder's classifier starts at zero (so its body gets no gradient at step 0): take one step first
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    weighted_cross_entropy(m(s_img, s_mask, q_img).logits, q_mask).backward()
+    assert m.decoder.stages[0].convs[0][0].weight.grad.abs().sum() == 0  # the zero classifier blocks it
+    opt.step()
+    opt.zero_grad(set_to_none=True)
     out = m(s_img, s_mask, q_img)
     # make sure the alignment term is active (it is skipped when the predicted query foreground is empty)
     align_logits = out.logits.clone()
