@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="experiment YAML (configs/experiments/*.yaml)")
     p.add_argument("--model", help="registered model name (see fewshot_proto.list_models())")
     p.add_argument("--iters", type=int, help="training episodes")
+    p.add_argument("--max-seconds", type=float,
+                   help="wall-time cap on training, 0 for none (the built-in default run stops at 1200 episodes or "
+                        "540 s; an explicit --iters lifts that cap)")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--resume", help="checkpoint to continue from (bit-for-bit)")
     p.add_argument("--num-workers", type=int, help="DataLoader workers for episode sampling (0: a thread)")
@@ -82,7 +85,12 @@ def config_from_args(args: argparse.Namespace):
               "num_workers": "train.num_workers", "threads": "train.threads", "protocol": "protocol.name"}[key]] = val
     if args.model and args.model != cfg.model.name:
         cfg.model.kwargs = {}
-    return apply_overrides(cfg, over)
+    cfg = apply_overrides(cfg, over)
+    if args.max_seconds is not None:
+        cfg.train.max_seconds = float(args.max_seconds) if args.max_seconds > 0 else None
+    elif args.iters is not None and not args.config and not args.resume:
+        cfg.train.max_seconds = None  # an explicit episode count: the built-in default's safety cap does not apply
+    return cfg
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -145,14 +153,18 @@ def run(cfg, *, resume=None, evaluate_after: bool = True, progress: bool = True,
     if rank == 0:
         print(f"data: {dataset.name} ({len(dataset)} scans) | model: {cfg.model.name} | {p.shots}-shot, "
               f"Setting {p.setting}, test classes {list(p.test_classes)}, fold {p.fold} | "
-              f"{cfg.train.iters} episodes at {cfg.data.size}x{cfg.data.size} | out: {cfg.train.out}"
+              f"{cfg.train.iters} episodes"
+              + (f" (or {cfg.train.max_seconds:.0f} s)" if cfg.train.max_seconds else "")
+              + f" at {cfg.data.size}x{cfg.data.size} | out: {cfg.train.out}"
               + (f" | {world_size} ranks" if world_size > 1 else ""))
     result = train(cfg, resume=resume, progress=progress, dataset=dataset, rank=rank, world_size=world_size)
     if rank != 0:
         return 0
     t_train = time.perf_counter() - t0
-    print(f"trained {result.steps} episodes in {t_train:.0f} s (median {result.seconds_per_step:.3f} s/episode); "
-          f"checkpoint: {result.checkpoint}")
+    capped = result.steps < cfg.train.iters
+    print(f"trained {result.steps} episodes in {t_train:.0f} s (median {result.seconds_per_step:.3f} s/episode"
+          + (f"; stopped by the {cfg.train.max_seconds:.0f} s cap" if capped else "")
+          + f"); checkpoint: {result.checkpoint}")
     if not evaluate_after:
         return 0
     specs = protocol_specs(dataset, p)

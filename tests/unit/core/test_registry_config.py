@@ -67,3 +67,21 @@ def test_shipped_configs_load_and_default_matches_code():
             load_config(f)
     shipped = load_config(ROOT / "configs" / "experiments" / "phantom_default.yaml")
     assert config_to_dict(shipped) == config_to_dict(default_config(builtin=True))
+
+
+def test_train_cli_budget_cap_default_explicit_iters_and_max_seconds():
+    """The built-in run stops at 1200 episodes or 540 s; an explicit --iters lifts the cap, --max-seconds sets it."""
+    from fewshot_proto.train import build_parser, config_from_args
+
+    def cfg_of(*argv):
+        return config_from_args(build_parser().parse_args(list(argv)))
+
+    default = cfg_of("--shots", "1")
+    assert (default.train.iters, default.train.max_seconds) == (1200, 540.0)
+    more = cfg_of("--shots", "1", "--iters", "5000")
+    assert (more.train.iters, more.train.max_seconds) == (5000, None)
+    capped = cfg_of("--iters", "5000", "--max-seconds", "60")
+    assert (capped.train.iters, capped.train.max_seconds) == (5000, 60.0)
+    assert cfg_of("--max-seconds", "0").train.max_seconds is None
+    shipped = cfg_of("--config", str(ROOT / "configs" / "experiments" / "phantom_alpnet.yaml"), "--iters", "10")
+    assert shipped.train.max_seconds == 540.0  # a config file's cap is the file's choice
