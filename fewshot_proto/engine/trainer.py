@@ -214,14 +214,18 @@ def episode_losses(model, s_img, s_mask, q_img, q_mask, *, lambda_align: float, 
     return terms
 
 
-def _build_optimizer(params, t) -> torch.optim.Optimizer:
+def _build_optimizer(params, t, device: Optional[torch.device] = None) -> torch.optim.Optimizer:
+    """The optimiser of ``train.optimizer``. Adam and AdamW use the fused kernel on CPU and CUDA: one pass over
+    each parameter instead of about ten elementwise ops (the default on CPU is the per-tensor loop), which
+    measurably shortens a step of this 26 M-parameter model and allocates no temporaries."""
     name = t.optimizer.lower()
+    fused = {"fused": True} if device is not None and device.type in ("cpu", "cuda") else {}
     if name == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     if name == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, **fused)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, **fused)
     raise ValueError(f"train.optimizer must be sgd, adam or adamw, not {t.optimizer!r}")
 
 
@@ -372,7 +376,7 @@ def _run(cfg: ExperimentConfig, task, model: torch.nn.Module, model_kwargs: Dict
     if t_cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _build_optimizer(params, t_cfg)
+    optimizer = _build_optimizer(params, t_cfg, device)
     scheduler = _build_scheduler(optimizer, t_cfg)
 
     start = 0
