@@ -87,14 +87,15 @@ def main(argv=None) -> int:
                                meta={"benchmark": "chaos_t2_fewshot", "fold": fold, "test_classes": test})
             t_eval = time.perf_counter() - t1
             dice = {c: 100 * v["dice"]["mean"] for c, v in summary["per_class"].items()}
-            row = {"group": group, "fold": fold, "test_classes": test, "budget_seconds": args.seconds,
+            model = f"{cfg.model.name} {json.dumps(getattr(res.model, 'config', {}).get('prototype_head', None))}"
+            row = {"model": model, "group": group, "fold": fold, "test_classes": test, "budget_seconds": args.seconds,
                    "train_seconds": round(t_train, 1), "iters": res.steps,
                    "seconds_per_iter": round(res.seconds_per_step, 4), "eval_seconds": round(t_eval, 1),
                    "precision": args.precision, "mode": args.mode, "dice": {k: round(v, 2) for k, v in dice.items()},
                    "mean_dice": round(100 * summary["mean_dice"], 2),
                    "query_scans": sorted({r["scan"] for r in summary["rows"]})}
             print(json.dumps(row), flush=True)
-            runs = [r for r in runs if not (r["group"] == group and r["fold"] == fold
+            runs = [r for r in runs if not (r["group"] == group and r["fold"] == fold and _model(r) == model
                                             and r["budget_seconds"] == args.seconds and r.get("mode") == args.mode)]
             runs.append(row)
             doc = {"reference": REFERENCE, "machine": {"threads": torch.get_num_threads(),
@@ -106,6 +107,11 @@ def main(argv=None) -> int:
     return 0
 
 
+def _model(row) -> str:
+    """The row's model: ``"<name> <prototype_head as JSON>"``; rows written before the head existed had none."""
+    return row.get("model", "cwpa_unet null")
+
+
 def to_markdown(doc) -> str:
     names = {"1": "liver", "2": "R kidney", "3": "L kidney", "4": "spleen"}
     ref = doc["reference"]
@@ -113,11 +119,14 @@ def to_markdown(doc) -> str:
              f"Reference ({ref['method']}), fold {ref['fold']}, test {{2,3}}, {ref['train_seconds']} s training: "
              f"R kidney {ref['dice']['2']}, L kidney {ref['dice']['3']}, mean {ref['dice']['mean']} Dice "
              f"(untrained {ref['dice_untrained_mean']}); evaluation {ref['eval_seconds']} s.", "",
-             "| test classes | fold | budget (s) | iters | s/iter | precision | mode | per-organ Dice (%) | mean | eval (s) |",
-             "|---|---:|---:|---:|---:|---|---|---|---:|---:|"]
-    for r in sorted(doc["runs"], key=lambda r: (r["group"], r["fold"], r["budget_seconds"])):
+             "Model: `cwpa_unet` with its residual prototype head (`prototype_head` \"f5\", the default since "
+             "2026-11-28) or without it (`null`, DESIGN.md's model as specified; the earlier rows).", "",
+             "| model (prototype_head) | test classes | fold | budget (s) | iters | s/iter | precision | mode | "
+             "per-organ Dice (%) | mean | eval (s) |",
+             "|---|---|---:|---:|---:|---:|---|---|---|---:|---:|"]
+    for r in sorted(doc["runs"], key=lambda r: (r["group"], r["fold"], _model(r), r["budget_seconds"])):
         organs = ", ".join(f"{names.get(k, k)} {v:.1f}" for k, v in sorted(r["dice"].items()))
-        lines.append(f"| {{{','.join(map(str, r['test_classes']))}}} | {r['fold']} | {r['budget_seconds']:.0f} | "
+        lines.append(f"| {_model(r)} | {{{','.join(map(str, r['test_classes']))}}} | {r['fold']} | {r['budget_seconds']:.0f} | "
                      f"{r['iters']} | {r['seconds_per_iter']:.3f} | {r['precision']} | {r['mode']} | {organs} | "
                      f"{r['mean_dice']:.1f} | {r['eval_seconds']:.0f} |")
     return "\n".join(lines) + "\n"

@@ -243,3 +243,14 @@ def test_tiny_overfit_lowers_the_loss():
         losses.append(float(loss.detach()))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert min(losses[-5:]) < 0.3 * losses[0], losses
+
+
+def test_hypercolumn_head_matches_at_one_eighth():
+    torch.manual_seed(0)
+    m = build_model("cwpa_unet", prototype_head="hypercolumn").eval()
+    s_img, s_mask, q_img, _ = _episode(2, 1, 64, seed=6)
+    with torch.no_grad():
+        feats = m.encode(q_img)
+        assert m.head.embed(feats).shape == (1, 256, 8, 8)  # 64 / 8 (F5 alone would be 4x4)
+        out = m(s_img, s_mask, q_img)
+    assert out.logits.shape == (1, 2, 64, 64) and torch.isfinite(out.logits).all()
