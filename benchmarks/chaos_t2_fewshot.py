@@ -88,7 +88,8 @@ def main(argv=None) -> int:
             t_eval = time.perf_counter() - t1
             dice = {c: 100 * v["dice"]["mean"] for c, v in summary["per_class"].items()}
             model = f"{cfg.model.name} {json.dumps(getattr(res.model, 'config', {}).get('prototype_head', None))}"
-            row = {"model": model, "group": group, "fold": fold, "test_classes": test, "budget_seconds": args.seconds,
+            row = {"model": model, "group": group, "fold": fold, "test_classes": test,
+                   "budget_seconds": args.seconds,
                    "train_seconds": round(t_train, 1), "iters": res.steps,
                    "seconds_per_iter": round(res.seconds_per_step, 4), "eval_seconds": round(t_eval, 1),
                    "precision": args.precision, "mode": args.mode, "dice": {k: round(v, 2) for k, v in dice.items()},
@@ -126,7 +127,8 @@ def to_markdown(doc) -> str:
              "|---|---|---:|---:|---:|---:|---|---|---|---:|---:|"]
     for r in sorted(doc["runs"], key=lambda r: (r["group"], r["fold"], _model(r), r["budget_seconds"])):
         organs = ", ".join(f"{names.get(k, k)} {v:.1f}" for k, v in sorted(r["dice"].items()))
-        lines.append(f"| {_model(r)} | {{{','.join(map(str, r['test_classes']))}}} | {r['fold']} | {r['budget_seconds']:.0f} | "
+        lines.append(f"| {_model(r)} | {{{','.join(map(str, r['test_classes']))}}} | {r['fold']} | "
+                     f"{r['budget_seconds']:.0f} | "
                      f"{r['iters']} | {r['seconds_per_iter']:.3f} | {r['precision']} | {r['mode']} | {organs} | "
                      f"{r['mean_dice']:.1f} | {r['eval_seconds']:.0f} |")
     return "\n".join(lines) + "\n"

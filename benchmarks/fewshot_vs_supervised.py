@@ -605,7 +605,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     t_start = time.perf_counter()
     bench = Bench(args)
     budgets = bench.budget_table(methods)
-    bench.doc["budgets"] = budgets
+    # a subset run (--methods) replaces the budgets of its methods and keeps the others' (their rows stay too)
+    kept = {b["method"]: b for b in (bench.doc.get("budgets") or []) if isinstance(b, dict) and "method" in b}
+    kept.update({b["method"]: b for b in budgets})
+    bench.doc["budgets"] = [kept[m] for m in ALL_METHODS if m in kept]
     print(f"data: {bench.data_name} | size {bench.size} | threads {args.threads} | budget scale {bench.scale}"
           + (" | QUICK" if bench.quick else ""))
     print(f"{'method':<24} {'budget (s)':>10} {'runs':>5} {'total (s)':>10}  what")

@@ -161,7 +161,7 @@ def run(cfg, *, resume=None, evaluate_after: bool = True, progress: bool = True,
     if rank != 0:
         return 0
     t_train = time.perf_counter() - t0
-    capped = result.steps < cfg.train.iters
+    capped = bool(cfg.train.max_seconds) and result.steps < cfg.train.iters
     print(f"trained {result.steps} episodes in {t_train:.0f} s (median {result.seconds_per_step:.3f} s/episode"
           + (f"; stopped by the {cfg.train.max_seconds:.0f} s cap" if capped else "")
           + f"); checkpoint: {result.checkpoint}")

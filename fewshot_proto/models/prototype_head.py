@@ -18,9 +18,9 @@ Matching features (``features``):
 * ``"f5"`` (default): a bias-free 1x1 convolution of F5 (the dilated layer4, 512 channels, 1/16 of the input) to
   ``dim`` channels, as SSL-ALPNet reduces its features to 256.
 * ``"hypercolumn"``: the same projection of ``concat(F3, upsample(F5))`` at 1/8 (F3 is layer2, 128 channels). At
-  128 px a kidney is about one F5 cell, so matching at 1/8 should paint finer blobs; measured on the phantoms
-  (1500 episodes of the default config, one run each) it did not help (24.3% against 27.4% for ``"f5"``) and cost 17% more time per
-  episode, hence not the default.
+  128 px a kidney is about one F5 cell, so matching at 1/8 should paint finer blobs. Measured on the phantoms
+  (1500 episodes of the default config, one run each), it did not help (24.3% against 27.4% for ``"f5"``) and
+  cost 17% more time per episode, hence not the default.
 
 Prototypes and scores are ALPNet's (``fsbaselines.alpnet.alpnet_prototypes`` and ``fsbaselines.common.class_score``):
 local foreground / background prototypes from ``window x window`` windows whose mask fraction exceeds 0.95
