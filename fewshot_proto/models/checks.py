@@ -1,9 +1,32 @@
-"""Input checks shared by every episodic model's ``forward``."""
+"""Checks shared by the models: episode inputs of ``forward`` and constructor arguments."""
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
-__all__ = ["check_episode"]
+__all__ = ["check_episode", "check_positive_int", "check_positive_number", "check_rate"]
+
+
+def check_positive_int(name: str, value: Any, model: str) -> int:
+    """Return ``value`` if it is an int >= 1, else raise ``ValueError`` naming the model and argument."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{model}: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_positive_number(name: str, value: Any, model: str) -> float:
+    """Return ``value`` as a float if it is a real number > 0 (not a bool), else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) > 0:
+        raise ValueError(f"{model}: {name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def check_rate(name: str, value: Any, model: str) -> float:
+    """Return ``value`` as a float if it is a number in [0, 1) (a rate, fraction or probability), else raise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{model}: {name} must be in [0, 1), got {value!r}")
+    return float(value)
 
 
 def check_episode(who: str, support_img: torch.Tensor, support_mask: torch.Tensor, query_img: torch.Tensor) -> None:

@@ -22,7 +22,7 @@ Matching features (``features``):
   (1500 episodes of the default config, one run each), it did not help (24.3% against 27.4% for ``"f5"``) and
   cost 17% more time per episode, hence not the default.
 
-Prototypes and scores are ALPNet's (``fsbaselines.alpnet.alpnet_prototypes`` and ``fsbaselines.common.class_score``):
+Prototypes and scores are ALPNet's (``fsbaselines.alpnet.alpnet_prototypes`` and ``fsbaselines.common.class_scores``):
 local foreground / background prototypes from ``window x window`` windows whose mask fraction exceeds 0.95
 (``window`` in ``train()`` mode, ``eval_window`` in ``eval()`` mode), plus per-slice global foreground prototypes,
 PANet's single masked average when no window qualifies; the class score is the soft maximum of
@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshot_proto.models.checks import check_positive_int, check_positive_number, check_rate
 from fewshot_proto.models.fsbaselines.alpnet import alpnet_prototypes
-from fewshot_proto.models.fsbaselines.common import ClassPrototypes, class_score
+from fewshot_proto.models.fsbaselines.common import ClassPrototypes, class_scores
 
 __all__ = ["PrototypeHead", "HEAD_FEATURES"]
 
@@ -75,20 +76,15 @@ class PrototypeHead(nn.Module):
         if features not in HEAD_FEATURES:
             raise ValueError(f"PrototypeHead: features must be one of {HEAD_FEATURES}, got {features!r}")
         for name, value in (("dim", dim), ("window", window), ("eval_window", eval_window)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"PrototypeHead: {name} must be a positive integer, got {value!r}")
-        if isinstance(scaler, bool) or not isinstance(scaler, (int, float)) or not float(scaler) > 0:
-            raise ValueError(f"PrototypeHead: scaler must be a positive number, got {scaler!r}")
-        if not 0.0 <= float(thresh) < 1.0:
-            raise ValueError(f"PrototypeHead: thresh must be in [0, 1), got {thresh!r}")
+            check_positive_int(name, value, "PrototypeHead")
         chans = [int(c) for c in encoder_channels]
         if len(chans) < 3:
             raise ValueError(f"PrototypeHead: need at least 3 encoder feature maps, got channels {chans}")
         self.features = features
-        self.scaler = float(scaler)
+        self.scaler = check_positive_number("scaler", scaler, "PrototypeHead")
         self.window = int(window)
         self.eval_window = int(eval_window)
-        self.thresh = float(thresh)
+        self.thresh = check_rate("thresh", thresh, "PrototypeHead")
         in_ch = chans[-1] + (chans[2] if features == "hypercolumn" else 0)
         self.proj = nn.Conv2d(in_ch, int(dim), kernel_size=1, bias=False)
 
@@ -112,12 +108,7 @@ class PrototypeHead(nn.Module):
 
     def forward(self, query_feats: List[torch.Tensor], prototypes: ClassPrototypes, size) -> torch.Tensor:
         """Query pyramid and the support's bags -> float32 scores ``[Q, 2, *size]`` (background, foreground)."""
-        feat = self.embed(query_feats)
-        with torch.autocast(device_type=feat.device.type, enabled=False):
-            scores = torch.stack(
-                [class_score(feat, prototypes.bg, self.scaler), class_score(feat, prototypes.fg, self.scaler)], dim=1
-            )
-            return F.interpolate(scores, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
+        return class_scores(self.embed(query_feats), prototypes, self.scaler, size)
 
     def extra_repr(self) -> str:
         return (

@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from fewshot_proto.models.checks import check_positive_int, check_rate  # re-exported: the baselines import them here
 from fewshot_proto.types import SegOutput
 
 __all__ = [
@@ -68,13 +69,6 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def check_positive_int(name: str, value: Any, model: str) -> int:
-    """Return ``value`` if it is an int >= 1, else raise ``ValueError`` naming the model and argument."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{model}: {name} must be a positive integer, got {value!r}")
-    return value
-
-
 def check_classes(classes: Any, model: str) -> Optional[List[int]]:
     """Return ``classes`` as a list of distinct non-zero ints (label values), or ``None``; else ``ValueError``."""
     if classes is None:
@@ -91,13 +85,6 @@ def check_classes(classes: Any, model: str) -> Optional[List[int]]:
     if len(set(out)) != len(out):
         raise ValueError(f"{model}: classes must be distinct, got {classes!r}")
     return out
-
-
-def check_rate(name: str, value: Any, model: str) -> float:
-    """Return ``value`` as a float if it is a probability in [0, 1), else raise ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{model}: {name} must be a probability in [0, 1), got {value!r}")
-    return float(value)
 
 
 class SegHead(nn.Module):

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from fewshot_proto.models import MODELS
+from fewshot_proto.models.checks import check_positive_int, check_rate
 from fewshot_proto.models.fsbaselines.common import ClassPrototypes, PrototypeSegmenter
 
 __all__ = ["ALPNet", "mask_fraction", "local_prototypes", "alpnet_prototypes", "alpnet"]
@@ -169,16 +170,10 @@ class ALPNet(PrototypeSegmenter):
         bg_thresh: float = 0.95,
     ) -> None:
         super().__init__("ALPNet", encoder, weights, in_channels, proj_dim, scaler)
-        for name, value in (("window", window), ("eval_window", eval_window)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ALPNet: {name} must be a positive integer, got {value!r}")
-        for name, value in (("fg_thresh", fg_thresh), ("bg_thresh", bg_thresh)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-                raise ValueError(f"ALPNet: {name} must be in [0, 1), got {value!r}")
-        self.window = int(window)
-        self.eval_window = int(eval_window)
-        self.fg_thresh = float(fg_thresh)
-        self.bg_thresh = float(bg_thresh)
+        self.window = check_positive_int("window", window, "ALPNet")
+        self.eval_window = check_positive_int("eval_window", eval_window, "ALPNet")
+        self.fg_thresh = check_rate("fg_thresh", fg_thresh, "ALPNet")
+        self.bg_thresh = check_rate("bg_thresh", bg_thresh, "ALPNet")
         self.config = {
             "encoder": encoder,
             "weights": None,

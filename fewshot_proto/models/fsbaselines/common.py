@@ -25,12 +25,12 @@ from torch import nn
 
 from fewshot_proto.losses.ce import weighted_cross_entropy
 from fewshot_proto.losses.dice import dice_bce_loss, dice_loss
-from fewshot_proto.models.checks import check_episode  # re-exported
+from fewshot_proto.models.checks import check_episode, check_positive_number  # check_episode: re-exported
 from fewshot_proto.models.encoders.base import build_encoder
 from fewshot_proto.types import SegOutput
 
 __all__ = ["ADAPTATION_LOSSES", "AdaptationCache", "adaptation_loss", "ClassPrototypes", "safe_normalize",
-           "class_score", "check_episode", "PrototypeSegmenter"]
+           "class_score", "class_scores", "check_episode", "PrototypeSegmenter"]
 
 
 class ClassPrototypes(NamedTuple):
@@ -80,6 +80,16 @@ def class_score(
         return (torch.softmax(d, dim=1) * d).sum(dim=1)
 
 
+def class_scores(feat: torch.Tensor, prototypes: ClassPrototypes, scaler: float, size) -> torch.Tensor:
+    """Background and foreground ``class_score`` maps of ``feat[Q, D, h, w]``, upsampled bilinearly to ``size``:
+    float32 logits ``[Q, 2, *size]`` (PANet's and ALPNet's output, and ``CWPAUNet``'s residual prototype head)."""
+    with torch.autocast(device_type=feat.device.type, enabled=False):
+        scores = torch.stack(
+            [class_score(feat, prototypes.bg, scaler), class_score(feat, prototypes.fg, scaler)], dim=1
+        )  # [Q, 2, h, w] float32
+        return F.interpolate(scores, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
+
+
 class PrototypeSegmenter(nn.Module):
     """Skeleton of a non-parametric prototype segmenter: encoder (+ optional 1x1 projection) and cosine scoring.
 
@@ -118,9 +128,7 @@ class PrototypeSegmenter(nn.Module):
         self.who = who
         if proj_dim is not None and (isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim < 1):
             raise ValueError(f"{who}: proj_dim must be None or a positive integer, got {proj_dim!r}")
-        if isinstance(scaler, bool) or not isinstance(scaler, (int, float)) or not float(scaler) > 0:
-            raise ValueError(f"{who}: scaler must be a positive number, got {scaler!r}")
-        self.scaler = float(scaler)
+        self.scaler = check_positive_number("scaler", scaler, who)
         self.init_weights = None if weights is None else str(weights)
         self.encoder = build_encoder(encoder, in_channels=in_channels, weights=weights, dilate_last=True)
         d = int(self.encoder.out_channels[-1])
@@ -144,12 +152,7 @@ class PrototypeSegmenter(nn.Module):
             raise ValueError(f"{self.who}.segment: prototypes must be ClassPrototypes, got {type(prototypes).__name__}")
         feat = query_feats[-1]
         stride = self.encoder.output_stride
-        size = (int(feat.shape[-2]) * stride, int(feat.shape[-1]) * stride)
-        with torch.autocast(device_type=feat.device.type, enabled=False):
-            scores = torch.stack(
-                [class_score(feat, prototypes.bg, self.scaler), class_score(feat, prototypes.fg, self.scaler)], dim=1
-            )  # [Q, 2, h, w] float32
-            return F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+        return class_scores(feat, prototypes, self.scaler, (int(feat.shape[-2]) * stride, int(feat.shape[-1]) * stride))
 
     def _support_inputs(self, support_feats: List[torch.Tensor], support_mask: torch.Tensor) -> torch.Tensor:
         """Check the support pair and return the bottleneck ``[S, D, h, w]``."""

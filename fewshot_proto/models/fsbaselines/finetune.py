@@ -49,6 +49,7 @@ from torch import nn
 
 from fewshot_proto.errors import CheckpointError
 from fewshot_proto.models import MODELS, build_model
+from fewshot_proto.models.checks import check_positive_number
 from fewshot_proto.models.fsbaselines.common import ADAPTATION_LOSSES, AdaptationCache, adaptation_loss, check_episode
 from fewshot_proto.types import SegOutput
 
@@ -164,8 +165,7 @@ class FineTuneOnSupport(nn.Module):
             raise ValueError(f"FineTuneOnSupport: base must be the name of another registered model, got {base!r}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"FineTuneOnSupport: steps must be an integer >= 0, got {steps!r}")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not float(lr) > 0:
-            raise ValueError(f"FineTuneOnSupport: lr must be a positive number, got {lr!r}")
+        check_positive_number("lr", lr, "FineTuneOnSupport")
         if loss not in LOSSES:
             raise ValueError(f"FineTuneOnSupport: loss must be one of {LOSSES}, got {loss!r}")
         if optimizer not in OPTIMIZERS:

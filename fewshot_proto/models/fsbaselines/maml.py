@@ -62,7 +62,7 @@ from torch import nn
 
 from fewshot_proto.errors import FewShotError
 from fewshot_proto.models import MODELS, build_model
-from fewshot_proto.models.checks import check_episode
+from fewshot_proto.models.checks import check_episode, check_positive_number
 from fewshot_proto.models.fsbaselines.common import ADAPTATION_LOSSES, AdaptationCache, adaptation_loss
 from fewshot_proto.types import SegOutput
 
@@ -207,8 +207,7 @@ class MAMLSegmenter(nn.Module):
         super().__init__()
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
             raise ValueError(f"MAMLSegmenter: inner_steps must be an integer >= 0, got {inner_steps!r}")
-        if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not float(inner_lr) > 0:
-            raise ValueError(f"MAMLSegmenter: inner_lr must be a positive number, got {inner_lr!r}")
+        check_positive_number("inner_lr", inner_lr, "MAMLSegmenter")
         if loss not in LOSSES:
             raise ValueError(f"MAMLSegmenter: loss must be one of {LOSSES}, got {loss!r}")
         if norm not in NORMS:
