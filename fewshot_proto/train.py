@@ -36,7 +36,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-classes", type=parse_classes, help="held-out classes, e.g. 2,3 or 1,4")
     p.add_argument("--fold", type=int, help="query fold of the 5-fold protocol")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto picks CUDA when present")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="autocast precision (auto: bf16 where the CPU or GPU has native bf16, else fp32)")
     p.add_argument("--out", help="output folder")
 
 
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="registered model name (see fewshot_proto.list_models())")
     p.add_argument("--iters", type=int, help="training episodes")
     p.add_argument("--max-seconds", type=float,
-                   help="wall-time cap on training, 0 for none (the built-in default run stops at 1200 episodes or "
+                   help="wall-time cap on training, 0 for none (the built-in default run stops at 800 episodes or "
                         "540 s; an explicit --iters lifts that cap)")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--resume", help="checkpoint to continue from (bit-for-bit)")
@@ -144,18 +144,20 @@ def run(cfg, *, resume=None, evaluate_after: bool = True, progress: bool = True,
     from fewshot_proto.data import dataset_from_config
     from fewshot_proto.engine import evaluate, train
     from fewshot_proto.engine.evaluator import protocol_specs
-    from fewshot_proto.engine.runtime import resolve_device
+    from fewshot_proto.engine.runtime import resolve_device, resolve_precision
     from fewshot_proto.metrics.report import format_dice_table
 
     t0 = time.perf_counter()
     dataset = dataset_from_config(cfg.data)
     p = cfg.protocol
+    precision = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device))
     if rank == 0:
         print(f"data: {dataset.name} ({len(dataset)} scans) | model: {cfg.model.name} | {p.shots}-shot, "
               f"Setting {p.setting}, test classes {list(p.test_classes)}, fold {p.fold} | "
               f"{cfg.train.iters} episodes"
               + (f" (or {cfg.train.max_seconds:.0f} s)" if cfg.train.max_seconds else "")
-              + f" at {cfg.data.size}x{cfg.data.size} | out: {cfg.train.out}"
+              + f" at {cfg.data.size}x{cfg.data.size} in {precision}"
+              + (" (auto)" if cfg.train.precision == "auto" else "") + f" | out: {cfg.train.out}"
               + (f" | {world_size} ranks" if world_size > 1 else ""))
     result = train(cfg, resume=resume, progress=progress, dataset=dataset, rank=rank, world_size=world_size)
     if rank != 0:

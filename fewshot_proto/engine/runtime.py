@@ -7,7 +7,10 @@ from typing import Optional
 
 import torch
 
-__all__ = ["resolve_device", "autocast", "configure_threads", "to_memory_format"]
+__all__ = ["resolve_device", "resolve_precision", "native_bf16", "autocast", "configure_threads", "to_memory_format"]
+
+#: values of ``train.precision`` / ``--precision``
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -22,9 +25,42 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively (so bf16 autocast is faster than fp32, not emulated).
+
+    CUDA: ``torch.cuda.is_bf16_supported()`` (Ampere and newer). CPU: the ``avx512_bf16`` or ``amx_bf16`` flag in
+    ``/proc/cpuinfo`` (Linux; ``False`` where that file does not exist).
+    """
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        return False
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"bf16"`` where the device has native bf16 (``native_bf16``), else ``"fp32"``; other values
+    are checked and returned lower-cased."""
+    p = str(precision).lower()
+    if p not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if p == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return p
+
+
 def autocast(device: torch.device, precision: str = "fp32"):
-    """Autocast context for ``precision`` in {"fp32", "bf16", "fp16"} (fp16 only on CUDA)."""
-    precision = precision.lower()
+    """Autocast context for ``precision`` in {"auto", "fp32", "bf16", "fp16"} (fp16 only on CUDA; ``"auto"`` as
+    ``resolve_precision``)."""
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "bf16":

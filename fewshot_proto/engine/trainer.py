@@ -22,6 +22,7 @@ saving the last good weights.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -38,7 +39,8 @@ import torch
 from fewshot_proto import __version__
 from fewshot_proto.config import ExperimentConfig, config_from_dict, config_to_dict, save_config
 from fewshot_proto.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint, set_rng_state
-from fewshot_proto.engine.runtime import autocast, configure_threads, resolve_device, to_memory_format
+from fewshot_proto.engine.runtime import (autocast, configure_threads, resolve_device, resolve_precision,
+                                          to_memory_format)
 
 __all__ = ["train", "TrainResult", "build_training_sampler", "episode_losses", "EpisodeSource", "model_kind"]
 
@@ -60,12 +62,14 @@ class TrainResult:
 def build_training_sampler(cfg: ExperimentConfig, dataset, index, train_scans: List[str]):
     """The training episode sampler the config asks for (labelled, superpixel or a mix)."""
     from fewshot_proto.episodes.protocol import training_slices
-    from fewshot_proto.episodes.sampler import LabelledEpisodeSampler, MixedSampler, SuperpixelEpisodeSampler
+    from fewshot_proto.episodes.sampler import (LabelledEpisodeSampler, MixedSampler, SliceCache,
+                                                SuperpixelEpisodeSampler)
 
     p, e = cfg.protocol, cfg.episodes
     test = [int(c) for c in p.test_classes]
     train_classes = [c for c in index.classes if c not in test]
     rng = np.random.default_rng(cfg.train.seed)
+    cache = SliceCache(dataset, cfg.data.size)  # one for both parts of a mixed sampler: each slice resized once
 
     def labelled():
         if not train_classes:
@@ -73,13 +77,13 @@ def build_training_sampler(cfg: ExperimentConfig, dataset, index, train_scans: L
                              f"held out (classes: {index.classes})")
         return LabelledEpisodeSampler(dataset, index, train_scans, train_classes, setting=p.setting,
                                       test_classes=test, shots=e.shots, n_query=e.n_query, size=cfg.data.size,
-                                      augment=e.augment, rng=rng, min_fg_pixels=e.min_fg_pixels)
+                                      augment=e.augment, rng=rng, min_fg_pixels=e.min_fg_pixels, cache=cache)
 
     def superpixel():
         allowed = {s: training_slices(index, s, p.setting, test) for s in train_scans}
         return SuperpixelEpisodeSampler(dataset, train_scans, allowed, size=cfg.data.size, rng=rng,
                                         shots=e.shots, n_query=e.n_query, augment=e.augment,
-                                        superpixel_kwargs={"scale": e.superpixel_scale})
+                                        superpixel_kwargs={"scale": e.superpixel_scale}, cache=cache)
 
     if e.mode == "labelled":
         return labelled()
@@ -331,6 +335,11 @@ def train(cfg: ExperimentConfig, *, resume: Optional[str | Path] = None, progres
     t_cfg = cfg.train
     configure_threads(t_cfg.threads)
     device = resolve_device(t_cfg.device)
+    precision = resolve_precision(t_cfg.precision, device)
+    if precision != t_cfg.precision:  # "auto": train, log and checkpoint the precision actually used
+        cfg = copy.deepcopy(cfg)
+        cfg.train.precision = precision
+        t_cfg = cfg.train
     out_dir = Path(t_cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 

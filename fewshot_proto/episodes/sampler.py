@@ -76,14 +76,21 @@ class _ByteLRU:
 
 
 def _compact_labels(lab: np.ndarray) -> np.ndarray:
-    """Labels in the smallest safe integer type (int16 when the values fit) to keep caches small."""
-    if lab.size and (lab.min() < np.iinfo(np.int16).min or lab.max() > np.iinfo(np.int16).max):
-        return lab
-    return lab.astype(np.int16, copy=False)
+    """Labels in the smallest safe integer type (uint8 for ids 0..255, else int16 when they fit) to keep caches
+    small (a 256x256 label is 64 KiB in uint8 against 512 KiB as the int64 ``prepare_slices`` returns)."""
+    if not lab.size:
+        return lab.astype(np.uint8, copy=False)
+    lo, hi = lab.min(), lab.max()
+    if lo >= 0 and hi <= np.iinfo(np.uint8).max:
+        return lab.astype(np.uint8, copy=False)
+    if lo >= np.iinfo(np.int16).min and hi <= np.iinfo(np.int16).max:
+        return lab.astype(np.int16, copy=False)
+    return lab
 
 
 class SliceCache:
-    """Resized slices ``(scan, z) -> (grey image [size, size] float32, label [size, size] int16 | None)``.
+    """Resized slices ``(scan, z) -> (grey image [size, size] float32, label [size, size] uint8 | None)`` (int16
+    or wider only for label ids beyond 0..255).
 
     Decoding a volume costs far more than everything else in an episode (0.35 s for a CHAOS-T2 scan), and the
     dataset keeps only a few decoded volumes, so a miss on ``(scan, z)`` resizes and stores, from that one
@@ -103,6 +110,12 @@ class SliceCache:
     @property
     def nbytes(self) -> int:
         return self._lru.nbytes
+
+    def want(self, wanted: Mapping[str, Sequence[int]]) -> "SliceCache":
+        """Add slices to ``wanted`` (a cache shared by several samplers resizes what any of them may draw)."""
+        for k, v in wanted.items():
+            self.wanted[str(k)] = sorted(set(self.wanted.get(str(k), [])) | {int(z) for z in v})
+        return self
 
     def get(self, scan: str, z: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         key = (str(scan), int(z))
@@ -124,6 +137,17 @@ class SliceCache:
                                          None if lab is None else _compact_labels(np.asarray(lab[i]))))
         return (np.ascontiguousarray(img[-1, 0], dtype=np.float32),
                 None if lab is None else _compact_labels(np.asarray(lab[-1])))
+
+
+def _slice_cache(cache: Optional[SliceCache], dataset: Any, size: int, wanted: Mapping[str, Any],
+                 cache_mb: float) -> SliceCache:
+    """``cache`` (checked against ``dataset`` and ``size``, with ``wanted`` added) or a new ``SliceCache``."""
+    if cache is None:
+        return SliceCache(dataset, size, {k: sorted(v) for k, v in wanted.items()}, cache_mb)
+    if cache.dataset is not dataset or cache.size != int(size):
+        raise ValueError(f"a shared SliceCache must hold the sampler's dataset at size {size}, got one of "
+                         f"{getattr(cache.dataset, 'name', '?')!r} at size {cache.size}")
+    return cache.want(wanted)
 
 
 class _Augmenting:
@@ -171,12 +195,15 @@ class LabelledEpisodeSampler(_Augmenting):
             fewer foreground pixels than this after resizing and augmentation.
         augment_kwargs: passed to ``augment_pair``.
         cache_mb: memory for the sampler's cache of resized slices (:class:`SliceCache`).
+        cache: a :class:`SliceCache` of this ``dataset`` at this ``size`` to use instead of a new one (``cache_mb`` is
+            then ignored); ``MixedSampler``'s parts share one, so a slice is decoded, resized and stored once.
     """
 
     def __init__(self, dataset: Any, index: SliceIndex, train_scans: Sequence[str], train_classes: Sequence[int], *,
                  setting: int, test_classes: Sequence[int], shots: int = 1, n_query: int = 1, size: int = 256,
                  augment: bool = True, rng: np.random.Generator, min_fg_pixels: int = 1, max_tries: int = 20,
-                 augment_kwargs: Optional[Mapping[str, Any]] = None, cache_mb: float = 512.0) -> None:
+                 augment_kwargs: Optional[Mapping[str, Any]] = None, cache_mb: float = 512.0,
+                 cache: Optional[SliceCache] = None) -> None:
         self.rng = _check_rng(rng, "LabelledEpisodeSampler")
         if int(shots) < 1 or int(n_query) < 1:
             raise ValueError(f"shots and n_query must be >= 1, got shots={shots}, n_query={n_query}")
@@ -216,7 +243,7 @@ class LabelledEpisodeSampler(_Augmenting):
         for per_scan in self.candidates.values():
             for s, zs in per_scan.items():
                 wanted.setdefault(s, set()).update(zs)
-        self.cache = SliceCache(dataset, self.size, {s: sorted(z) for s, z in wanted.items()}, cache_mb)
+        self.cache = _slice_cache(cache, dataset, self.size, wanted, cache_mb)
 
     def _draw(self) -> Tuple[int, List[Tuple[str, int]], str, List[int]]:
         rng = self.rng
@@ -280,6 +307,7 @@ class SuperpixelEpisodeSampler(_Augmenting):
             every slice of every scan.
         size, rng, shots, n_query, augment, augment_kwargs: as for the labelled sampler.
         cache_mb: memory for the cache of resized slices, and as much again for cached superpixels.
+        cache: a shared :class:`SliceCache` (as for ``LabelledEpisodeSampler``); the superpixel cache stays own.
         superpixel_kwargs: ``scale``, ``sigma``, ``min_size`` go to ``superpixels`` (Felzenszwalb; its result and
             the body mask are cached per slice), the rest (``min_pixels``, ``min_inside``) to
             ``superpixel_pseudolabel``.
@@ -288,7 +316,8 @@ class SuperpixelEpisodeSampler(_Augmenting):
     def __init__(self, dataset: Any, scans: Sequence[str], allowed_slices: Optional[Mapping[str, Sequence[int]]] = None,
                  *, size: int = 256, rng: np.random.Generator, shots: int = 1, n_query: int = 1, augment: bool = True,
                  superpixel_kwargs: Optional[Mapping[str, Any]] = None, max_tries: int = 20,
-                 augment_kwargs: Optional[Mapping[str, Any]] = None, cache_mb: float = 512.0) -> None:
+                 augment_kwargs: Optional[Mapping[str, Any]] = None, cache_mb: float = 512.0,
+                 cache: Optional[SliceCache] = None) -> None:
         self.rng = _check_rng(rng, "SuperpixelEpisodeSampler")
         if int(shots) < 1 or int(n_query) < 1:
             raise ValueError(f"shots and n_query must be >= 1, got shots={shots}, n_query={n_query}")
@@ -315,7 +344,7 @@ class SuperpixelEpisodeSampler(_Augmenting):
         if not self.slices:
             raise ProtocolError(f"dataset {name!r}: no allowed slice in any of the {len(scans)} training scans")
         self.scans = list(self.slices)
-        self.cache = SliceCache(dataset, self.size, self.slices, cache_mb)
+        self.cache = _slice_cache(cache, dataset, self.size, self.slices, cache_mb)
 
     def _segments(self, scan: str, z: int, img: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """Felzenszwalb superpixels and body mask of a slice (deterministic, so cached per slice)."""

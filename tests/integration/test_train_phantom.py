@@ -17,7 +17,7 @@ from fewshot_proto.models import build_model
 def tiny_cfg(out, **over):
     cfg = default_config(builtin=True)
     base = {"data.size": 64, "train.out": str(out), "train.iters": 8, "train.ckpt_every": 4, "train.log_every": 1,
-            "train.prefetch": 1, "train.device": "cpu", "train.seed": 3}
+            "train.prefetch": 1, "train.device": "cpu", "train.seed": 3, "train.precision": "fp32"}
     base.update(over)
     return apply_overrides(cfg, base)
 
@@ -90,6 +90,12 @@ def test_cli_train_evaluate_predict(tmp_path, phantom_dataset, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "Dice" in text and "mean" in text
+    from fewshot_proto.engine.checkpoint import load_checkpoint
+    from fewshot_proto.engine.runtime import resolve_precision
+
+    used = resolve_precision("auto", torch.device("cpu"))
+    assert f"at 256x256 in {used} (auto)" in text  # the built-in default: 256 px, precision "auto"
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["train"]["precision"] == used  # resolved, not "auto"
     m = json.loads((out / "eval" / "metrics.json").read_text())
     assert {r["class_id"] for r in m["rows"]} == {2, 3}
     assert (out / "eval" / "metrics.csv").exists() and (out / "eval" / "summary.md").exists()

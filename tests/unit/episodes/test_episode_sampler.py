@@ -194,7 +194,8 @@ def test_slice_cache_fills_per_scan_and_is_bounded(ds):
     for z in (0, 1, 3):
         cache.get("1", z)
     assert (cache.misses, cache.hits) == (1, 3)  # one decode filled every wanted slice of the scan
-    per_slice = S * S * (4 + 2)  # float32 image + int16 label
+    per_slice = S * S * (4 + 1)  # float32 image + uint8 label (ids 0..4)
+    assert lab.dtype == np.uint8
     assert cache.nbytes == 4 * per_slice
     tiny = SliceCache(ds, S, wanted={"1": list(range(12))}, max_mb=2.5 * per_slice / 2 ** 20)
     img, _ = tiny.get("1", 7)
@@ -203,3 +204,41 @@ def test_slice_cache_fills_per_scan_and_is_bounded(ds):
     assert tiny.hits == 1  # the requested slice survived eviction
     with pytest.raises(ProtocolError, match="12 slices"):
         tiny.get("1", 12)
+
+
+def test_samplers_share_one_slice_cache_without_changing_episodes(ds):
+    from fewshot_proto.episodes.sampler import SliceCache
+
+    allowed = {s: training_slices(ds.slice_index(), s, 2, [2, 3]) for s in ds.ids}
+
+    def pair(cache=None):
+        return (labelled(ds, seed=3, augment=True, cache=cache),
+                SuperpixelEpisodeSampler(ds, ds.ids, allowed, size=S, rng=np.random.default_rng(4), augment=True,
+                                         cache=cache))
+
+    shared = SliceCache(ds, S)
+    lab_s, sp_s = pair(shared)
+    lab_o, sp_o = pair()
+    assert lab_s.cache is shared and sp_s.cache is shared and lab_o.cache is not sp_o.cache
+    # the shared cache resizes, from one decode, every slice either sampler may draw
+    assert set(shared.wanted["1"]) == set(lab_o.cache.wanted["1"]) | set(sp_o.cache.wanted["1"])
+    for _ in range(12):
+        for a, b in ((lab_s, lab_o), (sp_s, sp_o)):
+            x, y = a.sample(), b.sample()
+            np.testing.assert_array_equal(x.support_img, y.support_img)
+            np.testing.assert_array_equal(x.query_mask, y.query_mask)
+    assert shared.misses <= len(ds.ids)  # at most one decode per scan for both samplers together
+    assert lab_o.cache.misses + sp_o.cache.misses > shared.misses
+    with pytest.raises(ValueError, match="shared SliceCache must hold the sampler's dataset at size 24"):
+        labelled(ds, cache=SliceCache(ds, 2 * S))
+
+
+@pytest.mark.parametrize("values, dtype", [([0, 4], np.uint8), ([0, 255], np.uint8), ([0, 300], np.int16),
+                                           ([-1, 2], np.int16), ([0, 70000], np.int64)])
+def test_cached_labels_use_the_smallest_type_that_keeps_the_ids(values, dtype):
+    from fewshot_proto.episodes.sampler import _compact_labels
+
+    lab = np.array(values, dtype=np.int64)
+    out = _compact_labels(lab)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, lab)
