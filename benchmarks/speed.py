@@ -6,14 +6,14 @@
 
 One command measures, in one run, with the public API only:
 
-1. **Training step time** per 1-shot episode: ``fewshot_proto.engine.train`` (the real loop: episode prefetch
-   thread, autocast, channels_last, optimiser and schedule of the built-in default config) runs ``warmup + steps``
+1. **Training step time** per 1-shot episode: ``fewshot_proto.engine.train`` (the real loop: the episode worker
+   process, autocast, channels_last, optimiser and schedule of the built-in default config) runs ``warmup + steps``
    episodes at ``--size``; the per-step times come from the run's CSV log (``log_every=1``) and the median over
    the steps after the warm-up is reported (with the quartiles: the machine is shared and noisy).
 2. **Episode sampling share**: the time the loop waited for its next episode (the log's ``sample_seconds``)
    over the step time, summed over the timed steps. The sampler's own cost per episode when called directly
    (the run's episodes drawn again by a fresh sampler, no overlap with compute) is reported next to it, for
-   information: the prefetch thread hides it from the step only when a core is free for it.
+   information: the worker process hides it from the step only when a core is free for it.
 3. **Achieved GFLOP/s**: FLOPs of one training step (forward + backward of the same episode loss, counted with
    ``torch.utils.flop_counter.FlopCounterMode`` on the first episodes of the run) over the median step time, and
    its ratio to a **GEMM peak** measured in the same run (square matmul, fp32 and bf16, best of several, the same
@@ -22,7 +22,10 @@ One command measures, in one run, with the public API only:
    the model trained in step 1): seconds per query volume, per query slice (all classes) and per query slice per
    class, from the summary's ``timing`` (median over ``--eval-repeats`` calls after a first, cold, one).
 5. **Peak RSS** of training and of evaluation, each in its own subprocess (``--phase train|eval``) that reports
-   ``getrusage(RUSAGE_SELF).ru_maxrss`` at its end, so one phase's peak never hides in the other's.
+   ``getrusage(RUSAGE_SELF).ru_maxrss`` at its end, so one phase's peak never hides in the other's. The training
+   loop samples episodes in a DataLoader worker process (the default ``train.num_workers`` 1); its peak RSS
+   (``RUSAGE_CHILDREN``) is reported next to the training process's. Most of it is pages shared with the parent
+   at the fork (torch's libraries, the model), so the two must not simply be added.
 
 Runs on the CPU with ``--threads`` intra-op threads (``OMP_NUM_THREADS`` is set for every process). Run it alone
 on a quiet machine: the load average at start and end is recorded. Writes ``<out>.json`` and ``<out>.md``
@@ -64,10 +67,11 @@ QUICK = {"size": 32, "steps": 2, "warmup": 1, "gemm_size": 256, "gemm_repeats": 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, default=256, help="input size (data.size); the phantom default is 128")
+    p.add_argument("--size", type=int, default=256, help="input size (data.size); the built-in default is 256")
     p.add_argument("--steps", type=int, default=30, help="timed training steps (after the warm-up); >= 20 for the "
                    "targets")
-    p.add_argument("--warmup", type=int, default=5, help="training steps run before timing")
+    p.add_argument("--warmup", type=int, default=20, help="training steps run before timing (the first episodes "
+                   "decode and resize each training scan into the sampler's slice cache)")
     p.add_argument("--precision", default=None, help="comma-separated: fp32,bf16 (default; --quick: fp32)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (and OMP_NUM_THREADS)")
     p.add_argument("--eval-repeats", type=int, default=3, help="timed evaluate() calls after the cold one")
@@ -101,11 +105,13 @@ def set_thread_env(threads: int) -> None:
         os.environ[v] = str(threads)
 
 
-def peak_rss_gib() -> float:
+def peak_rss_gib(who: str = "self") -> float:
+    """Peak RSS of this process (``"self"``) or of its largest finished child (``"children"``: the training
+    loop's DataLoader worker), from ``getrusage``."""
     import resource
 
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kib / 2 ** 20
+    kib = resource.getrusage(resource.RUSAGE_SELF if who == "self" else resource.RUSAGE_CHILDREN).ru_maxrss
+    return kib / 2 ** 20  # KiB on Linux
 
 
 def bench_config(args: argparse.Namespace, precision: str, out: Path):
@@ -155,7 +161,8 @@ def phase_train(args: argparse.Namespace, precision: str, workdir: Path) -> Dict
             "sample_share": sum(wait_s) / sum(step_s),
             "trainer_seconds_per_step": res.seconds_per_step, "trainer_sample_fraction": res.sample_fraction,
             "first_loss": res.losses[0], "last_loss": res.losses[-1], "checkpoint": str(res.checkpoint),
-            "peak_rss_gib": peak_rss_gib()}
+            "num_workers": cfg.train.num_workers, "peak_rss_gib": peak_rss_gib(),
+            "worker_peak_rss_gib": peak_rss_gib("children") if cfg.train.num_workers else 0.0}
 
 
 def phase_eval(args: argparse.Namespace, precision: str, workdir: Path) -> Dict[str, Any]:
@@ -346,6 +353,9 @@ def collect_metrics(doc: Dict[str, Any]) -> List[Dict[str, Any]]:
         add("sampler_cost_share", p, doc["sampler_seconds"]["median"] / tr["step"]["median"],
             "sampler's own cost / step (no overlap, info)", "", ".1%")
         add("train_peak_rss_gib", p, tr["peak_rss_gib"], "peak RSS, training", "GiB", ".2f")
+        if tr.get("num_workers"):
+            add("worker_peak_rss_gib", p, tr["worker_peak_rss_gib"],
+                "peak RSS, episode worker process (info; mostly pages shared with training)", "GiB", ".2f")
         add("achieved_gflops", p, doc["achieved_gflops"][p], "achieved GFLOP/s in the training step", "GFLOP/s",
             ".1f")
         add("gemm_peak_gflops", p, doc["gemm_peak_gflops"][p], "GEMM peak (measured)", "GFLOP/s", ".1f")

@@ -17,7 +17,8 @@ from fewshot_proto.models import build_model
 def tiny_cfg(out, **over):
     cfg = default_config(builtin=True)
     base = {"data.size": 64, "train.out": str(out), "train.iters": 8, "train.ckpt_every": 4, "train.log_every": 1,
-            "train.prefetch": 1, "train.device": "cpu", "train.seed": 3, "train.precision": "fp32"}
+            "train.prefetch": 1, "train.device": "cpu", "train.seed": 3, "train.precision": "fp32",
+            "train.num_workers": 0}
     base.update(over)
     return apply_overrides(cfg, base)
 
@@ -58,6 +59,28 @@ def test_resume_is_bit_for_bit(tmp_path, phantom_dataset):
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
     assert full.losses[5:] == resumed.losses
+
+
+def test_worker_process_thread_and_inline_sampling_train_identically(tmp_path, phantom_dataset):
+    """Episode i is a function of (seed, rank, i) alone, so where it is sampled cannot change the run: a DataLoader
+    worker process (the default), the prefetch thread and inline sampling give the same losses and weights, also
+    when a worker run is stopped and resumed."""
+    runs = {}
+    for name, over in {"worker": {"train.num_workers": 1}, "thread": {"train.prefetch": 2},
+                       "inline": {"train.prefetch": 0}}.items():
+        runs[name] = train(tiny_cfg(tmp_path / name, **over), progress=False, dataset=phantom_dataset)
+    part = train(tiny_cfg(tmp_path / "w2", **{"train.num_workers": 1}), progress=False, dataset=phantom_dataset,
+                 stop_after=3)
+    assert part.steps == 3
+    resumed = train(tiny_cfg(tmp_path / "w2", **{"train.num_workers": 1}), progress=False,
+                    dataset=phantom_dataset, resume=tmp_path / "w2" / "checkpoint.pt")
+    ref = _state(runs["inline"].model)
+    for name, res in list(runs.items()) + [("worker-resumed", resumed)]:
+        assert res.steps == 8
+        got = _state(res.model)
+        assert all(torch.equal(ref[k], got[k]) for k in ref), f"{name} run differs from inline sampling"
+    assert runs["worker"].losses == runs["thread"].losses == runs["inline"].losses
+    assert resumed.losses == runs["inline"].losses[3:]
 
 
 def test_interrupt_saves_checkpoint(tmp_path, phantom_dataset, monkeypatch):

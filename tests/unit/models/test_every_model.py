@@ -173,7 +173,8 @@ def test_train_then_evaluate_cli(name, tmp_path, phantom_root, base_checkpoint, 
     cfg = apply_overrides(default_config(builtin=True), {
         "data.root": str(phantom_root), "data.size": SIZE, "model.name": name, "train.iters": 5,
         "train.ckpt_every": 0, "train.prefetch": 0, "train.device": "cpu", "train.threads": 1,
-        "train.warmup_iters": 0, "train.precision": "fp32", "supervised.batch_size": 2,
+        "train.warmup_iters": 0, "train.precision": "fp32", "train.num_workers": 0,
+        "supervised.batch_size": 2,
         "protocol.test_classes": TEST_CLASSES})
     cfg.model.kwargs = kwargs
     save_config(cfg, tmp_path / "tiny.yaml")
