@@ -36,7 +36,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-classes", type=parse_classes, help="held-out classes, e.g. 2,3 or 1,4")
     p.add_argument("--fold", type=int, help="query fold of the 5-fold protocol")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto picks CUDA when present")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="autocast precision (auto: bf16 where the CPU or GPU has native bf16, else fp32)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision (auto: bf16 where the CPU or GPU has native bf16, else fp32)")
     p.add_argument("--out", help="output folder")
 
 

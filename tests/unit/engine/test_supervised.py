@@ -41,7 +41,8 @@ def phantoms():
 def sup_cfg(out, **over):
     cfg = default_config(builtin=True)
     base = {"data.size": 64, "train.out": str(out), "train.iters": 8, "train.ckpt_every": 4, "train.log_every": 1,
-            "train.prefetch": 1, "train.device": "cpu", "train.seed": 3, "train.precision": "fp32", "train.num_workers": 0,
+            "train.prefetch": 1, "train.device": "cpu", "train.seed": 3, "train.precision": "fp32",
+            "train.num_workers": 0,
             "model.name": "unet",
             "model.kwargs": dict(UNET_SMALL), "supervised.batch_size": 4}
     base.update(over)
