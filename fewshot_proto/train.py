@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="registered model name (see fewshot_proto.list_models())")
     p.add_argument("--iters", type=int, help="training episodes")
     p.add_argument("--max-seconds", type=float,
-                   help="wall-time cap on training, 0 for none (the built-in default run stops at 800 episodes or "
+                   help="wall-time cap on training, 0 for none (the built-in default run stops at 1000 episodes or "
                         "540 s; an explicit --iters lifts that cap)")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--resume", help="checkpoint to continue from (bit-for-bit)")

@@ -433,9 +433,9 @@ def _run(cfg: ExperimentConfig, task, model: torch.nn.Module, model_kwargs: Dict
         unit = "ep" if task.kind == "fewshot" else "batch"
         bar = tqdm(total=t_cfg.iters, initial=start, desc="train", unit=unit, dynamic_ncols=True)
     model.train()
+    items = source.stream(start, stop, prefetch=t_cfg.prefetch, num_workers=t_cfg.num_workers)
     try:
         t_prev = time.perf_counter()
-        items = source.stream(start, stop, prefetch=t_cfg.prefetch, num_workers=t_cfg.num_workers)
         while True:
             t_wait = time.perf_counter()
             try:
@@ -483,6 +483,7 @@ def _run(cfg: ExperimentConfig, task, model: torch.nn.Module, model_kwargs: Dict
             checkpoint(step)
         raise
     finally:
+        items.close()  # stops the prefetch thread or DataLoader worker now (a time cap stops before the stream ends)
         if bar is not None:
             bar.close()
         if logger is not None:

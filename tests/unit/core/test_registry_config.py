@@ -70,14 +70,14 @@ def test_shipped_configs_load_and_default_matches_code():
 
 
 def test_train_cli_budget_cap_default_explicit_iters_and_max_seconds():
-    """The built-in run stops at 800 episodes or 540 s; an explicit --iters lifts the cap, --max-seconds sets it."""
+    """The built-in run stops at 1000 episodes or 540 s; an explicit --iters lifts the cap, --max-seconds sets it."""
     from fewshot_proto.train import build_parser, config_from_args
 
     def cfg_of(*argv):
         return config_from_args(build_parser().parse_args(list(argv)))
 
     default = cfg_of("--shots", "1")
-    assert (default.train.iters, default.train.max_seconds) == (800, 540.0)
+    assert (default.train.iters, default.train.max_seconds) == (1000, 540.0)
     assert (default.data.size, default.train.precision) == (256, "auto")
     more = cfg_of("--shots", "1", "--iters", "5000")
     assert (more.train.iters, more.train.max_seconds) == (5000, None)
