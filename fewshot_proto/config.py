@@ -144,7 +144,7 @@ class TrainConfig:
     # Episodes are sampled in num_workers DataLoader worker processes (prefetch episodes each ahead), or in a
     # background thread with num_workers 0 (prefetch > 0), or in the loop itself (both 0). One worker process is
     # the default: on a 2-core CPU the thread costs more than it hides (it competes with torch's threads and for the
-    # GIL), measured in benchmarks/speed.py: 0.41 s per 256-px bf16 step with a worker, 0.50 s with the thread.
+    # GIL): the real loop took 0.41 s per 256-px bf16 step with a worker, 0.50 s with the thread (2 threads).
     num_workers: int = 1
     prefetch: int = 2
     threads: Optional[int] = None
