@@ -36,7 +36,11 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "apply_overrides",
+    "PRECISIONS",
 ]
+
+#: values of ``train.precision`` and ``--precision`` (``"auto"``: ``engine.runtime.resolve_precision``)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class ConfigError(ValueError):

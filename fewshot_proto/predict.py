@@ -14,6 +14,7 @@ from typing import List, Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fewshot_proto.config import PRECISIONS
     from fewshot_proto.train import parse_classes
 
     p = argparse.ArgumentParser(prog="python -m fewshot_proto.predict", description=__doc__,
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slice-axis", type=int, default=None, help="array axis holding slices (default: as trained)")
     p.add_argument("--n-part", type=int, default=3, help="support chunks (the field uses 3)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None)
+    p.add_argument("--precision", choices=PRECISIONS, default=None)
     p.add_argument("--threshold", type=float, default=0.5)
     return p
 

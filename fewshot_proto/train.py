@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from fewshot_proto.config import apply_overrides, default_config, load_config
+from fewshot_proto.config import PRECISIONS, apply_overrides, default_config, load_config
 
 
 def parse_classes(text: Optional[str]) -> Optional[List[int]]:
@@ -36,7 +36,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-classes", type=parse_classes, help="held-out classes, e.g. 2,3 or 1,4")
     p.add_argument("--fold", type=int, help="query fold of the 5-fold protocol")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto picks CUDA when present")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--precision", choices=PRECISIONS,
                    help="autocast precision (auto: bf16 where the CPU or GPU has native bf16, else fp32)")
     p.add_argument("--out", help="output folder")
 
@@ -173,7 +173,7 @@ def run(cfg, *, resume=None, evaluate_after: bool = True, progress: bool = True,
     specs = protocol_specs(dataset, p)
     out = Path(cfg.train.out) / "eval"
     summary = evaluate(result.model, dataset, specs, size=cfg.data.size, device=resolve_device(cfg.train.device),
-                       precision=cfg.train.precision, channels_last=cfg.train.channels_last, out_dir=out,
+                       precision=precision, channels_last=cfg.train.channels_last, out_dir=out,
                        progress=progress,
                        meta={"protocol": p.name, "setting": p.setting, "fold": p.fold, "shots": p.shots,
                              "test_classes": list(p.test_classes), "checkpoint": str(result.checkpoint),

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from typing import Optional
+from typing import FrozenSet, Optional
 
 import torch
 
-__all__ = ["resolve_device", "resolve_precision", "native_bf16", "autocast", "configure_threads", "to_memory_format"]
+from fewshot_proto.config import PRECISIONS
 
-#: values of ``train.precision`` / ``--precision``
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+__all__ = ["resolve_device", "resolve_precision", "native_bf16", "autocast", "configure_threads", "to_memory_format"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -33,17 +33,21 @@ def native_bf16(device: torch.device) -> bool:
     """
     if device.type == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    if device.type != "cpu":
-        return False
+    return device.type == "cpu" and bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> FrozenSet[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo``, read once per process (``autocast(device, "auto")`` runs
+    per batch in evaluation); empty where the file does not exist."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return False
+        pass
+    return frozenset()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -8,6 +8,14 @@ from fewshot_proto.engine.runtime import autocast, resolve_precision
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def fresh_cpu_flags():
+    """The flags are read once per process; these tests fake ``/proc/cpuinfo``, so each reads it afresh."""
+    runtime._cpu_flags.cache_clear()
+    yield
+    runtime._cpu_flags.cache_clear()
+
+
 @pytest.mark.parametrize("flags, expected", [
     ("fpu sse avx512f avx512_bf16 amx_tile", "bf16"),
     ("fpu sse avx512f amx_bf16", "bf16"),
@@ -21,6 +29,7 @@ def test_auto_precision_follows_the_cpu_flags(monkeypatch, tmp_path, flags, expe
                                                                             *a, **k), raising=False)
     assert resolve_precision("auto", CPU) == expected
     assert resolve_precision("AUTO", CPU) == expected
+    assert runtime._cpu_flags.cache_info().misses == 1  # read once, however often "auto" is resolved
 
 
 def test_auto_precision_without_cpuinfo_is_fp32(monkeypatch):
