@@ -20,7 +20,7 @@ support masks float32 ``[S, size, size]`` in {0, 1} and query masks int64 ``[Q, 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -98,11 +98,12 @@ class SliceCache:
     the scan is not listed). Entries are evicted least-recently-used beyond ``max_mb`` megabytes.
     """
 
-    def __init__(self, dataset: Any, size: int, wanted: Optional[Mapping[str, Sequence[int]]] = None,
+    def __init__(self, dataset: Any, size: int, wanted: Optional[Mapping[str, Iterable[int]]] = None,
                  max_mb: float = 512.0) -> None:
         self.dataset = dataset
         self.size = int(size)
-        self.wanted = {str(k): sorted({int(z) for z in v}) for k, v in (wanted or {}).items()}
+        self.wanted: Dict[str, List[int]] = {}
+        self.want(wanted or {})
         self._lru = _ByteLRU(float(max_mb) * 2 ** 20)
         self.hits = 0
         self.misses = 0
@@ -111,7 +112,7 @@ class SliceCache:
     def nbytes(self) -> int:
         return self._lru.nbytes
 
-    def want(self, wanted: Mapping[str, Sequence[int]]) -> "SliceCache":
+    def want(self, wanted: Mapping[str, Iterable[int]]) -> "SliceCache":
         """Add slices to ``wanted`` (a cache shared by several samplers resizes what any of them may draw)."""
         for k, v in wanted.items():
             self.wanted[str(k)] = sorted(set(self.wanted.get(str(k), [])) | {int(z) for z in v})
@@ -139,11 +140,11 @@ class SliceCache:
                 None if lab is None else _compact_labels(np.asarray(lab[-1])))
 
 
-def _slice_cache(cache: Optional[SliceCache], dataset: Any, size: int, wanted: Mapping[str, Any],
+def _slice_cache(cache: Optional[SliceCache], dataset: Any, size: int, wanted: Mapping[str, Iterable[int]],
                  cache_mb: float) -> SliceCache:
     """``cache`` (checked against ``dataset`` and ``size``, with ``wanted`` added) or a new ``SliceCache``."""
     if cache is None:
-        return SliceCache(dataset, size, {k: sorted(v) for k, v in wanted.items()}, cache_mb)
+        return SliceCache(dataset, size, wanted, cache_mb)
     if cache.dataset is not dataset or cache.size != int(size):
         raise ValueError(f"a shared SliceCache must hold the sampler's dataset at size {size}, got one of "
                          f"{getattr(cache.dataset, 'name', '?')!r} at size {cache.size}")
