@@ -286,7 +286,7 @@ def count_flops_and_sampler(args: argparse.Namespace, precisions: List[str], wor
             with FlopCounterMode(display=False) as counter:
                 with autocast(device, p):
                     terms = episode_losses(model, *tensors, lambda_align=t.lambda_align, lambda_cyc=t.lambda_cyc,
-                                           ce_weights=t.ce_weights)
+                                           ce_weights=t.ce_weights, lambda_dice=t.lambda_dice)
                 terms["loss"].backward()
             flops[p].append(int(counter.get_total_flops()))
     return {"flops_per_step": {p: float(np.median(v)) for p, v in flops.items()}, "flops_samples": flops,

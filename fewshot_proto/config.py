@@ -137,6 +137,7 @@ class TrainConfig:
     warmup_iters: int = 0
     lambda_align: float = 1.0
     lambda_cyc: float = 0.5
+    lambda_dice: float = 0.0  # soft Dice of the query's foreground, added to the CE (episodic only)
     ce_weights: Optional[List[float]] = field(default_factory=lambda: [0.1, 1.0])
     grad_clip: Optional[float] = None
     seed: int = 0
@@ -165,7 +166,7 @@ class SupervisedConfig:
     are background. ``protocol.setting`` does not apply (it limits what the few-shot model sees of the test
     classes; a supervised baseline is trained on them by design). ``train.*`` holds the optimiser, schedule,
     steps (one step = one batch), seed and checkpoints, as for episodic training; ``train.ce_weights``,
-    ``lambda_align`` and ``lambda_cyc`` are episodic only.
+    ``lambda_dice``, ``lambda_align`` and ``lambda_cyc`` are episodic only.
 
     n_labelled: how many labelled training scans to use; ``None``: all of them. Otherwise the first
         ``n_labelled`` scans of a permutation of the fold's training scans (natural order) drawn with

@@ -195,9 +195,10 @@ def episode_to_tensors(ep, device: torch.device, channels_last: bool):
 
 
 def episode_losses(model, s_img, s_mask, q_img, q_mask, *, lambda_align: float, lambda_cyc: float,
-                   ce_weights: Optional[List[float]] = None) -> Dict[str, torch.Tensor]:
-    """Forward one episode and return the loss terms ({"loss", "ce", "align", "cyc"})."""
-    from fewshot_proto.losses import alignment_loss, cyclic_consistency_loss, weighted_cross_entropy
+                   ce_weights: Optional[List[float]] = None, lambda_dice: float = 0.0) -> Dict[str, torch.Tensor]:
+    """Forward one episode and return the loss terms ({"loss", "ce", "dice", "align", "cyc"}; a term whose weight
+    is 0 is not computed)."""
+    from fewshot_proto.losses import alignment_loss, cyclic_consistency_loss, dice_loss, weighted_cross_entropy
 
     core = model.module if hasattr(model, "module") else model
     out = model(s_img, s_mask, q_img)
@@ -205,6 +206,10 @@ def episode_losses(model, s_img, s_mask, q_img, q_mask, *, lambda_align: float, 
     ce = weighted_cross_entropy(out.logits.float(), q_mask, weight=weight)
     terms = {"ce": ce}
     loss = ce
+    if lambda_dice > 0:
+        dl = dice_loss(out.logits.float(), q_mask, softmax=True, include_background=False)
+        terms["dice"] = dl
+        loss = loss + lambda_dice * dl
     if lambda_align > 0 and "query_feat" in out.aux and "support_feat" in out.aux:
         al = alignment_loss(out.aux["query_feat"], out.logits, out.aux["support_feat"], s_mask)
         terms["align"] = al
@@ -285,13 +290,14 @@ class _Logger:
 
 
 class _EpisodicTask:
-    """Few-shot training: one episode per step, CE (+ alignment, + cyclic) loss (:func:`episode_losses`)."""
+    """Few-shot training: one episode per step, CE (+ Dice, + alignment, + cyclic) loss (:func:`episode_losses`)."""
 
     kind = "fewshot"
-    loss_fields = ["loss", "ce", "align", "cyc"]
 
     def __init__(self, cfg: ExperimentConfig, sampler, device: torch.device, rank: int) -> None:
         self.t = cfg.train
+        # the log's columns; "dice" only when it is trained, so runs (and resumed logs) without it keep their columns
+        self.loss_fields = ["loss", "ce", *(["dice"] if self.t.lambda_dice > 0 else []), "align", "cyc"]
         self.device = device
         self.source = EpisodeSource(sampler, seed=cfg.train.seed, rank=rank)
         self.labelled_scans: Optional[List[str]] = None
@@ -303,7 +309,8 @@ class _EpisodicTask:
     def losses(self, train_model: torch.nn.Module, ep) -> Dict[str, torch.Tensor]:
         s_img, s_mask, q_img, q_mask = episode_to_tensors(ep, self.device, self.t.channels_last)
         return episode_losses(train_model, s_img, s_mask, q_img, q_mask, lambda_align=self.t.lambda_align,
-                              lambda_cyc=self.t.lambda_cyc, ce_weights=self.t.ce_weights)
+                              lambda_cyc=self.t.lambda_cyc, ce_weights=self.t.ce_weights,
+                              lambda_dice=self.t.lambda_dice)
 
     @staticmethod
     def describe(ep) -> str:
