@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--mode", default="mixed", choices=["mixed", "superpixel", "labelled"])
     p.add_argument("--config", default=None, help="base experiment YAML (default: the library default, 256x256)")
+    p.add_argument("--lambda-dice", type=float, default=None,
+                   help="weight of the soft Dice term added to the CE (default: the base config's, 0 for real data)")
     p.add_argument("--runs", default="runs/bench_chaos_t2")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
@@ -68,13 +70,16 @@ def main(argv=None) -> int:
         test = [int(c) for c in group]
         for fold in parse_list(args.folds):
             base = load_config(args.config) if args.config else default_config(builtin=False)
-            run_dir = Path(args.runs) / f"g{group}_f{fold}"
+            tag = "" if args.lambda_dice is None else f"_dice{args.lambda_dice:g}"
+            run_dir = Path(args.runs) / f"g{group}_f{fold}{tag}"
             cfg = apply_overrides(base, {
                 "data.root": args.data, "data.layout": "alpnet", "protocol.name": "alpnet", "protocol.setting": 2,
                 "protocol.shots": 1, "episodes.shots": 1, "protocol.test_classes": test, "protocol.fold": fold,
                 "episodes.mode": args.mode, "train.precision": args.precision, "train.max_seconds": args.seconds,
                 "train.iters": 100000, "train.scheduler": "step", "train.lr_step": 1000, "train.lr_gamma": 0.95,
                 "train.out": str(run_dir), "train.ckpt_every": 500})
+            if args.lambda_dice is not None:
+                cfg = apply_overrides(cfg, {"train.lambda_dice": args.lambda_dice})
             print(f"== group {test} fold {fold}: training for {args.seconds:.0f} s ({args.precision}, {args.mode})",
                   flush=True)
             t0 = time.perf_counter()
@@ -92,12 +97,14 @@ def main(argv=None) -> int:
                    "budget_seconds": args.seconds,
                    "train_seconds": round(t_train, 1), "iters": res.steps,
                    "seconds_per_iter": round(res.seconds_per_step, 4), "eval_seconds": round(t_eval, 1),
-                   "precision": args.precision, "mode": args.mode, "dice": {k: round(v, 2) for k, v in dice.items()},
+                   "precision": args.precision, "mode": args.mode, "lambda_dice": cfg.train.lambda_dice,
+                   "dice": {k: round(v, 2) for k, v in dice.items()},
                    "mean_dice": round(100 * summary["mean_dice"], 2),
                    "query_scans": sorted({r["scan"] for r in summary["rows"]})}
             print(json.dumps(row), flush=True)
             runs = [r for r in runs if not (r["group"] == group and r["fold"] == fold and _model(r) == model
-                                            and r["budget_seconds"] == args.seconds and r.get("mode") == args.mode)]
+                                            and r["budget_seconds"] == args.seconds and r.get("mode") == args.mode
+                                            and r.get("lambda_dice", 0.0) == cfg.train.lambda_dice)]
             runs.append(row)
             doc = {"reference": REFERENCE, "machine": {"threads": torch.get_num_threads(),
                                                       "python": platform.python_version(),
@@ -122,14 +129,18 @@ def to_markdown(doc) -> str:
              f"(untrained {ref['dice_untrained_mean']}); evaluation {ref['eval_seconds']} s.", "",
              "Model: `cwpa_unet` with its residual prototype head (`prototype_head` \"f5\", the default since "
              "2026-11-28) or without it (`null`, DESIGN.md's model as specified; the earlier rows).", "",
+             "`lambda_dice`: weight of the soft Dice term added to the CE (0: none; rows written before it existed "
+             "had none).", "",
              "| model (prototype_head) | test classes | fold | budget (s) | iters | s/iter | precision | mode | "
-             "per-organ Dice (%) | mean | eval (s) |",
-             "|---|---|---:|---:|---:|---:|---|---|---|---:|---:|"]
-    for r in sorted(doc["runs"], key=lambda r: (r["group"], r["fold"], _model(r), r["budget_seconds"])):
+             "lambda_dice | per-organ Dice (%) | mean | eval (s) |",
+             "|---|---|---:|---:|---:|---:|---|---|---:|---|---:|---:|"]
+    for r in sorted(doc["runs"], key=lambda r: (r["group"], r["fold"], _model(r), r["budget_seconds"],
+                                                r.get("lambda_dice", 0.0))):
         organs = ", ".join(f"{names.get(k, k)} {v:.1f}" for k, v in sorted(r["dice"].items()))
         lines.append(f"| {_model(r)} | {{{','.join(map(str, r['test_classes']))}}} | {r['fold']} | "
                      f"{r['budget_seconds']:.0f} | "
-                     f"{r['iters']} | {r['seconds_per_iter']:.3f} | {r['precision']} | {r['mode']} | {organs} | "
+                     f"{r['iters']} | {r['seconds_per_iter']:.3f} | {r['precision']} | {r['mode']} | "
+                     f"{r.get('lambda_dice', 0.0):g} | {organs} | "
                      f"{r['mean_dice']:.1f} | {r['eval_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
