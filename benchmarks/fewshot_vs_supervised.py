@@ -219,7 +219,9 @@ class Bench:
             "protocol.fold": 0, "protocol.shots": 1, "episodes.shots": 1, "train.iters": self.iters,
             "train.scheduler": "none", "train.warmup_iters": 0 if self.quick else 20, "train.ckpt_every": 0,
             "train.log_every": 10, "train.device": "cpu", "train.threads": int(args.threads),
-            "train.precision": "fp32", "train.seed": 0, "train.prefetch": 1 if self.quick else 2})
+            "train.precision": "fp32", "train.seed": 0, "train.prefetch": 1 if self.quick else 2,
+            # no Dice term for any method: the references have none, and the committed figures predate it in ours
+            "train.lambda_dice": 0.0})
         self.setup = {"data": self.data_name, "size": self.size, "budget_scale": self.scale, "quick": self.quick,
                       "protocol": "alpnet", "setting": 2, "test_classes": [2, 3], "fold": 0}
         self.doc = self._load_previous()

@@ -42,7 +42,7 @@ def test_loss_falls_and_dice_beats_untrained(tmp_path, phantom_dataset):
     after = evaluate(res.model, phantom_dataset, specs, size=64, distances=False)
     assert after["mean_dice"] > base["mean_dice"] + 0.05, (base["mean_dice"], after["mean_dice"])
     log = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
-    assert log[0].startswith("step,loss,ce,align,cyc") and len(log) == 201
+    assert log[0].startswith("step,loss,ce,dice,align,cyc") and len(log) == 201  # the default trains the Dice term
 
 
 def test_resume_is_bit_for_bit(tmp_path, phantom_dataset):

@@ -37,8 +37,8 @@ Differences from SSL-ALPNet, all for robustness, none changing the method on ord
 * the prototype alignment loss applied by the engine is PANet's (global prototypes from the predicted query
   mask); SSL-ALPNet runs its own local-prototype classifier in reverse for that loss.
 
-The SSL-ALPNet recipe has no cyclic loss: a faithful run sets ``train.lambda_cyc: 0`` (the model supports the
-engine's cyclic loss nevertheless).
+The SSL-ALPNet recipe has no cyclic loss and no Dice term: a faithful run sets ``train.lambda_cyc: 0`` and
+``train.lambda_dice: 0`` (the model supports the engine's cyclic loss nevertheless).
 
     model = build_model("alpnet")
     out = model(support_img, support_mask, query_img)   # logits [Q, 2, H, W]

@@ -15,7 +15,8 @@ Method (1-way, as used for medical few-shot segmentation):
    the input size.
 4. Training adds PANet's prototype alignment regularisation (PAR); it lives in ``fewshot_proto.losses.alignment``
    and the engine applies it from ``aux["query_feat"]`` / ``aux["support_feat"]`` (``train.lambda_align``, 1 in
-   PANet). PANet has no cyclic loss: a faithful run sets ``train.lambda_cyc: 0``.
+   PANet). PANet has no cyclic loss and no Dice term: a faithful run sets ``train.lambda_cyc: 0`` and
+   ``train.lambda_dice: 0``.
 
 Differences from the paper: the backbone (ResNet-34 F5 at 1/16 instead of VGG-16 conv5 at 1/8) and the empty-mask
 guard (an all-zero support mask gives a zero foreground prototype, i.e. a foreground logit of 0 everywhere, never

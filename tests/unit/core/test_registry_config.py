@@ -78,7 +78,7 @@ def test_train_cli_budget_cap_default_explicit_iters_and_max_seconds():
 
     default = cfg_of("--shots", "1")
     assert (default.train.iters, default.train.max_seconds) == (1000, 540.0)
-    assert (default.data.size, default.train.precision) == (256, "auto")
+    assert (default.data.size, default.train.precision, default.train.lambda_dice) == (256, "auto", 1.0)
     more = cfg_of("--shots", "1", "--iters", "5000")
     assert (more.train.iters, more.train.max_seconds) == (5000, None)
     capped = cfg_of("--iters", "5000", "--max-seconds", "60")
