@@ -315,7 +315,8 @@ def default_config(builtin: bool = True) -> ExperimentConfig:
     (bf16 where the CPU or GPU computes it natively, else fp32; 0.40-0.55 s per episode in bf16 here), and a 540 s
     wall-time cap as a safety net for slower machines (the run then stops early, checkpoints and evaluates what
     it has). At 128x128 a phantom kidney is about one cell of the 1/16 feature grid: the same model scored
-    21.8% on the held-out kidneys there, against 33-44% at 256x256 (README, "Current results").
+    21.8% on the held-out kidneys there, against 33-44% at 256x256 without the Dice term (README, "Current
+    results").
     ``lambda_dice=1``: a soft Dice term on the query's foreground joins the CE (not in DESIGN.md's loss). The CE's
     background weight of 0.1 lets a 9% foreground probability paint a pixel, and the model over-segmented the small
     held-out kidneys (precision 16-40%); over three seeds the Dice term raised the held-out mean from 35.1% to 44.1%.
