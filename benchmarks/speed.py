@@ -126,6 +126,14 @@ def bench_config(args: argparse.Namespace, precision: str, out: Path):
         "train.out": str(out)})
 
 
+def loss_description(args: argparse.Namespace) -> str:
+    """The training loss the benchmark's config trains, e.g. ``"CE + 1 x Dice + 1 x alignment + 0.5 x cyclic"``."""
+    t = bench_config(args, "fp32", Path(".")).train
+    terms = [f"{w:g} x {name}" for name, w in (("Dice", t.lambda_dice), ("alignment", t.lambda_align),
+                                               ("cyclic", t.lambda_cyc)) if w > 0]
+    return " + ".join(["CE", *terms])
+
+
 def _quantiles(xs: List[float]) -> Dict[str, float]:
     import numpy as np
 
@@ -378,7 +386,8 @@ def to_markdown(doc: Dict[str, Any]) -> str:
              f"{m['cores']} cores | {s['threads']} threads | torch {m['torch']} | python {m['python']} | "
              f"load average at start {m['load_start'][0]:.2f}, at end {m['load_end'][0]:.2f}", "",
              f"Training: median of {s['steps']} steps after {s['warmup']} warm-up steps (real `train` loop, default "
-             f"phantom config at {s['size']} px: mixed episodes, CE + alignment + cyclic loss). Evaluation: real "
+             f"phantom config at {s['size']} px: mixed episodes, {s.get('loss', 'CE + alignment + cyclic')} loss). "
+             f"Evaluation: real "
              f"`evaluate`, alpnet protocol, Setting 2, test classes {{2, 3}}, fold 0, median of "
              f"{s['eval_repeats']} calls after a cold one (the cold one when 0). Each phase ran in its own "
              f"process (peak RSS per phase).",
@@ -468,7 +477,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "settings": {"size": args.size, "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
                      "eval_repeats": args.eval_repeats, "gemm_size": args.gemm_size,
                      "gemm_repeats": args.gemm_repeats, "flop_episodes": args.flop_episodes, "seed": args.seed,
-                     "quick": bool(args.quick), "device": "cpu", "shots": 1},
+                     "quick": bool(args.quick), "device": "cpu", "shots": 1, "loss": loss_description(args)},
         "machine": {"cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
                     "torch": torch.__version__, "python": platform.python_version(),
                     "fewshot_proto": fewshot_proto.__version__, "threads": torch.get_num_threads(),
