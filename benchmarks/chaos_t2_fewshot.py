@@ -77,9 +77,8 @@ def main(argv=None) -> int:
                 "protocol.shots": 1, "episodes.shots": 1, "protocol.test_classes": test, "protocol.fold": fold,
                 "episodes.mode": args.mode, "train.precision": args.precision, "train.max_seconds": args.seconds,
                 "train.iters": 100000, "train.scheduler": "step", "train.lr_step": 1000, "train.lr_gamma": 0.95,
-                "train.out": str(run_dir), "train.ckpt_every": 500})
-            if args.lambda_dice is not None:
-                cfg = apply_overrides(cfg, {"train.lambda_dice": args.lambda_dice})
+                "train.out": str(run_dir), "train.ckpt_every": 500,
+                **({} if args.lambda_dice is None else {"train.lambda_dice": args.lambda_dice})})
             print(f"== group {test} fold {fold}: training for {args.seconds:.0f} s ({args.precision}, {args.mode})",
                   flush=True)
             t0 = time.perf_counter()
@@ -104,7 +103,7 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
             runs = [r for r in runs if not (r["group"] == group and r["fold"] == fold and _model(r) == model
                                             and r["budget_seconds"] == args.seconds and r.get("mode") == args.mode
-                                            and r.get("lambda_dice", 0.0) == cfg.train.lambda_dice)]
+                                            and _lambda_dice(r) == cfg.train.lambda_dice)]
             runs.append(row)
             doc = {"reference": REFERENCE, "machine": {"threads": torch.get_num_threads(),
                                                       "python": platform.python_version(),
@@ -118,6 +117,11 @@ def main(argv=None) -> int:
 def _model(row) -> str:
     """The row's model: ``"<name> <prototype_head as JSON>"``; rows written before the head existed had none."""
     return row.get("model", "cwpa_unet null")
+
+
+def _lambda_dice(row) -> float:
+    """The row's Dice-term weight; rows written before the term existed trained without it."""
+    return row.get("lambda_dice", 0.0)
 
 
 def to_markdown(doc) -> str:
@@ -135,12 +139,12 @@ def to_markdown(doc) -> str:
              "lambda_dice | per-organ Dice (%) | mean | eval (s) |",
              "|---|---|---:|---:|---:|---:|---|---|---:|---|---:|---:|"]
     for r in sorted(doc["runs"], key=lambda r: (r["group"], r["fold"], _model(r), r["budget_seconds"],
-                                                r.get("lambda_dice", 0.0))):
+                                                _lambda_dice(r))):
         organs = ", ".join(f"{names.get(k, k)} {v:.1f}" for k, v in sorted(r["dice"].items()))
         lines.append(f"| {_model(r)} | {{{','.join(map(str, r['test_classes']))}}} | {r['fold']} | "
                      f"{r['budget_seconds']:.0f} | "
                      f"{r['iters']} | {r['seconds_per_iter']:.3f} | {r['precision']} | {r['mode']} | "
-                     f"{r.get('lambda_dice', 0.0):g} | {organs} | "
+                     f"{_lambda_dice(r):g} | {organs} | "
                      f"{r['mean_dice']:.1f} | {r['eval_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
