@@ -36,8 +36,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
-from fewshot_proto import __version__
-from fewshot_proto.config import ExperimentConfig, config_from_dict, config_to_dict, save_config
+from fewshot_proto.config import ExperimentConfig, config_to_dict, save_config
 from fewshot_proto.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint, set_rng_state
 from fewshot_proto.engine.runtime import (autocast, configure_threads, resolve_device, resolve_precision,
                                           to_memory_format)

@@ -22,7 +22,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 
 from fewshot_proto.config import apply_overrides, default_config, save_config
