@@ -7,9 +7,11 @@ evaluate the fold's query scans and record per-organ Dice and the time each part
     python benchmarks/chaos_t2_fewshot.py                                  # fold 0, {2,3}, 2015 s
     python benchmarks/chaos_t2_fewshot.py --groups 23,14 --folds 0-4 --seconds 2015
     python benchmarks/chaos_t2_fewshot.py --seconds 120 --out /tmp/smoke   # quick smoke run
+    python benchmarks/chaos_t2_fewshot.py --report-only                    # rewrite the markdown from the JSON
 
-Writes ``benchmarks/results/chaos_t2_fewshot.{json,md}`` (merged with earlier runs: one row per group/fold/budget)
-and each run's checkpoint and reports under ``--runs``. Uses only the public API.
+Writes ``benchmarks/results/chaos_t2_fewshot.{json,md}`` (merged with earlier runs: one row per model variant,
+group, fold, budget and Dice-term weight; the markdown adds mean ± std over the folds of each configuration run on
+more than one fold) and each run's checkpoint and reports under ``--runs``. Uses only the public API.
 """
 from __future__ import annotations
 
@@ -47,7 +49,19 @@ def main(argv=None) -> int:
                    help="weight of the soft Dice term added to the CE (default: the base config's, 0 for real data)")
     p.add_argument("--runs", default="runs/bench_chaos_t2")
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the markdown from the existing JSON in --out and exit (no training)")
     args = p.parse_args(argv)
+
+    if args.report_only:
+        path = Path(args.out) / "chaos_t2_fewshot.json"
+        if not path.is_file():
+            print(f"--report-only: no results at {path}", file=sys.stderr)
+            return 2
+        md = to_markdown(json.loads(path.read_text()))
+        (Path(args.out) / "chaos_t2_fewshot.md").write_text(md)
+        print(md)
+        return 0
 
     import torch
 
@@ -124,6 +138,35 @@ def _lambda_dice(row) -> float:
     return row.get("lambda_dice", 0.0)
 
 
+def fold_summary(runs):
+    """Cross-validation rows: runs of one (model, test group, budget, mode, Dice weight) pooled over their folds.
+
+    Returns a list of dicts with ``folds`` (sorted fold ids), per-organ ``dice`` mean and population std over the
+    folds (``{class: (mean, std)}``) and ``mean`` (mean, std) of the folds' mean Dice. A fold run twice under the
+    same key cannot happen (the newer row replaces the older one), so each fold counts once.
+    """
+    import statistics
+
+    groups = {}
+    for r in runs:
+        key = (_model(r), r["group"], r["budget_seconds"], r.get("mode"), _lambda_dice(r))
+        groups.setdefault(key, []).append(r)
+    out = []
+    for key, rows in sorted(groups.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
+        rows = sorted(rows, key=lambda r: r["fold"])
+        organs = sorted({k for r in rows for k in r["dice"]})
+        dice = {}
+        for k in organs:
+            vals = [r["dice"][k] for r in rows if k in r["dice"]]
+            dice[k] = (statistics.fmean(vals), statistics.pstdev(vals))
+        means = [r["mean_dice"] for r in rows]
+        out.append({"model": key[0], "group": key[1], "test_classes": rows[0]["test_classes"],
+                    "budget_seconds": key[2], "mode": key[3], "lambda_dice": key[4],
+                    "folds": [r["fold"] for r in rows], "dice": dice,
+                    "mean": (statistics.fmean(means), statistics.pstdev(means))})
+    return out
+
+
 def to_markdown(doc) -> str:
     names = {"1": "liver", "2": "R kidney", "3": "L kidney", "4": "spleen"}
     ref = doc["reference"]
@@ -146,6 +189,20 @@ def to_markdown(doc) -> str:
                      f"{r['iters']} | {r['seconds_per_iter']:.3f} | {r['precision']} | {r['mode']} | "
                      f"{_lambda_dice(r):g} | {organs} | "
                      f"{r['mean_dice']:.1f} | {r['eval_seconds']:.0f} |")
+    summary = [row for row in fold_summary(doc["runs"]) if len(row["folds"]) > 1]
+    if summary:
+        lines += ["", "## Over folds", "",
+                  "Mean ± std (population) over the folds listed; each fold is one training run (one seed) with its "
+                  "own support and query scans.", "",
+                  "| model (prototype_head) | test classes | budget (s) | mode | lambda_dice | folds | "
+                  "per-organ Dice (%) | mean |",
+                  "|---|---|---:|---|---:|---|---|---:|"]
+        for row in summary:
+            organs = ", ".join(f"{names.get(k, k)} {m:.1f} ± {sd:.1f}" for k, (m, sd) in sorted(row["dice"].items()))
+            lines.append(f"| {row['model']} | {{{','.join(map(str, row['test_classes']))}}} | "
+                         f"{row['budget_seconds']:.0f} | {row['mode']} | {row['lambda_dice']:g} | "
+                         f"{','.join(map(str, row['folds']))} | {organs} | "
+                         f"{row['mean'][0]:.1f} ± {row['mean'][1]:.1f} |")
     return "\n".join(lines) + "\n"
 
 
