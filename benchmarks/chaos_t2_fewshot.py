@@ -115,9 +115,7 @@ def main(argv=None) -> int:
                    "mean_dice": round(100 * summary["mean_dice"], 2),
                    "query_scans": sorted({r["scan"] for r in summary["rows"]})}
             print(json.dumps(row), flush=True)
-            runs = [r for r in runs if not (r["group"] == group and r["fold"] == fold and _model(r) == model
-                                            and r["budget_seconds"] == args.seconds and r.get("mode") == args.mode
-                                            and _lambda_dice(r) == cfg.train.lambda_dice)]
+            runs = [r for r in runs if not (r["fold"] == fold and _config_key(r) == _config_key(row))]
             runs.append(row)
             doc = {"reference": REFERENCE, "machine": {"threads": torch.get_num_threads(),
                                                       "python": platform.python_version(),
@@ -138,19 +136,24 @@ def _lambda_dice(row) -> float:
     return row.get("lambda_dice", 0.0)
 
 
+def _config_key(row) -> tuple:
+    """What a row was trained with apart from its fold: a new run replaces the row of the same key and fold, and
+    ``fold_summary`` pools the folds of one key."""
+    return (_model(row), row["group"], row["budget_seconds"], row.get("mode"), _lambda_dice(row))
+
+
 def fold_summary(runs):
     """Cross-validation rows: runs of one (model, test group, budget, mode, Dice weight) pooled over their folds.
 
     Returns a list of dicts with ``folds`` (sorted fold ids), per-organ ``dice`` mean and population std over the
-    folds (``{class: (mean, std)}``) and ``mean`` (mean, std) of the folds' mean Dice. A fold run twice under the
-    same key cannot happen (the newer row replaces the older one), so each fold counts once.
+    folds (``{class: (mean, std)}``) and ``mean`` (mean, std) of the folds' mean Dice. Each fold counts once: ``main``
+    replaces the row of the same ``_config_key`` and fold.
     """
     import statistics
 
     groups = {}
     for r in runs:
-        key = (_model(r), r["group"], r["budget_seconds"], r.get("mode"), _lambda_dice(r))
-        groups.setdefault(key, []).append(r)
+        groups.setdefault(_config_key(r), []).append(r)
     out = []
     for key, rows in sorted(groups.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
         rows = sorted(rows, key=lambda r: r["fold"])
