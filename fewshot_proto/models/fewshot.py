@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fewshot_proto.models import MODELS
@@ -68,6 +69,10 @@ class CWPAUNet(nn.Module):
             With a head, the decoder's 1x1 classifier starts at zero, so the untrained model is the matcher.
         head_dim: channels of the head's matching features.
         head_scaler: cosine multiplier of the head (20).
+        head_guide: also give the decoder the head's coarse foreground probability (``sigmoid(score_fg -
+            score_bg)`` at the matching resolution), resized and concatenated to the input of every decoder
+            stage, so that the decoder can refine the head's blob with the skip features instead of re-deriving
+            where the support matched from ``P_agg * F5``. Needs a head.
 
     Attributes:
         kind: ``"fewshot"`` (supervised baselines say ``"supervised"``).
@@ -95,6 +100,7 @@ class CWPAUNet(nn.Module):
         prototype_head: Optional[str] = "f5",
         head_dim: int = 256,
         head_scaler: float = 20.0,
+        head_guide: bool = False,
     ) -> None:
         super().__init__()
         self.config: Dict[str, Any] = {
@@ -109,6 +115,7 @@ class CWPAUNet(nn.Module):
             "prototype_head": prototype_head,
             "head_dim": int(head_dim),
             "head_scaler": float(head_scaler),
+            "head_guide": bool(head_guide),
         }
         self.init_weights = None if weights is None else str(weights)
         self.encoder = build_encoder(encoder, in_channels=in_channels, weights=weights, dilate_last=True, norm=norm)
@@ -120,7 +127,11 @@ class CWPAUNet(nn.Module):
             )
         self.cwpa = CWPA(tau=tau, temperature=temperature, use_background=use_background)
         d = self.encoder.out_channels[-1]
-        self.decoder = UNetDecoder(self.encoder.out_channels, in_channels=2 * d, num_classes=num_classes, norm=norm)
+        if head_guide and prototype_head is None:
+            raise ValueError("CWPAUNet: head_guide=True needs a prototype head (prototype_head is None)")
+        self.head_guide = bool(head_guide)
+        self.decoder = UNetDecoder(self.encoder.out_channels, in_channels=2 * d, num_classes=num_classes, norm=norm,
+                                   guide_channels=1 if self.head_guide else 0)
         self.head: Optional[PrototypeHead] = None
         if prototype_head is not None:
             if num_classes != 2:
@@ -153,12 +164,16 @@ class CWPAUNet(nn.Module):
                 f"got {type(prototypes).__name__}"
             )
         enhanced = self.cwpa(query_feats[-1], prototypes.local)  # [Q, 2D, h, w]
-        logits = self.decoder(enhanced, list(query_feats[:-1]))
         if self.head is None:
-            return logits
+            return self.decoder(enhanced, list(query_feats[:-1]))
         if prototypes.head is None:
             raise ValueError("CWPAUNet.segment: this model has a prototype head but the prototypes carry none")
-        return logits.float() + self.head(query_feats, prototypes.head, logits.shape[-2:])
+        scores = self.head(query_feats, prototypes.head)  # float32 [Q, 2, h', w'] at the matching resolution
+        guide = torch.sigmoid(scores[:, 1:2] - scores[:, 0:1]) if self.head_guide else None
+        logits = self.decoder(enhanced, list(query_feats[:-1]), guide=guide)
+        with torch.autocast(device_type=scores.device.type, enabled=False):
+            up = F.interpolate(scores, size=logits.shape[-2:], mode="bilinear", align_corners=False)
+        return logits.float() + up
 
     # ---- the one forward ----------------------------------------------------------------------------------
     def forward(self, support_img: torch.Tensor, support_mask: torch.Tensor, query_img: torch.Tensor) -> SegOutput:
@@ -209,6 +224,7 @@ def cwpa_unet(
     prototype_head: Optional[str] = "f5",
     head_dim: int = 256,
     head_scaler: float = 20.0,
+    head_guide: bool = False,
 ) -> CWPAUNet:
     """Build ``CWPAUNet`` (registered as ``"cwpa_unet"``); the kwargs are stored in ``model.config``."""
     return CWPAUNet(
@@ -223,4 +239,5 @@ def cwpa_unet(
         prototype_head=prototype_head,
         head_dim=head_dim,
         head_scaler=head_scaler,
+        head_guide=head_guide,
     )

@@ -59,7 +59,8 @@ class PrototypeHead(nn.Module):
         thresh: mask fraction a window needs to give a local prototype (foreground and background).
 
     ``embed(feats) -> [B, dim, h, w]``; ``prototypes(feats_s, mask_s) -> ClassPrototypes``;
-    ``forward(feats_q, prototypes, size) -> float32 [Q, 2, H, W]`` (background, foreground scores).
+    ``forward(feats_q, prototypes, size=None) -> float32 [Q, 2, H, W]`` (background, foreground scores; at the
+    matching resolution ``(h, w)`` without ``size``).
     """
 
     def __init__(
@@ -106,9 +107,11 @@ class PrototypeHead(nn.Module):
             feat, support_mask, window=window, gate_window=self.window, fg_thresh=self.thresh, bg_thresh=self.thresh
         )
 
-    def forward(self, query_feats: List[torch.Tensor], prototypes: ClassPrototypes, size) -> torch.Tensor:
-        """Query pyramid and the support's bags -> float32 scores ``[Q, 2, *size]`` (background, foreground)."""
-        return class_scores(self.embed(query_feats), prototypes, self.scaler, size)
+    def forward(self, query_feats: List[torch.Tensor], prototypes: ClassPrototypes, size=None) -> torch.Tensor:
+        """Query pyramid and the support's bags -> float32 scores ``[Q, 2, *size]`` (background, foreground);
+        ``size=None`` keeps the matching resolution ``(h, w)``."""
+        feat = self.embed(query_feats)
+        return class_scores(feat, prototypes, self.scaler, feat.shape[-2:] if size is None else size)
 
     def extra_repr(self) -> str:
         return (

@@ -14,9 +14,10 @@ the encoder accepts works (every feature map then has exactly half the size of t
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ConvBNReLU", "DecoderStage", "UNetDecoder"]
@@ -65,6 +66,9 @@ class UNetDecoder(nn.Module):
         num_classes: K output channels.
         decoder_channels: output channels of each stage, coarse to fine (one per skip).
         norm: ``"batch"`` or ``"group"`` normalisation in every Conv-Norm-ReLU.
+        guide_channels: channels of an optional coarse guide map (``CWPAUNet``'s prototype-head probability)
+            that ``forward(..., guide=)`` resizes bilinearly and concatenates to the input of every stage
+            (0: no guide).
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class UNetDecoder(nn.Module):
         num_classes: int = 2,
         decoder_channels: Sequence[int] = (256, 128, 64, 64),
         norm: str = "batch",
+        guide_channels: int = 0,
     ) -> None:
         super().__init__()
         skips = list(encoder_channels[:-1])[::-1]  # coarse to fine: F4, F3, F2, F1
@@ -87,26 +92,43 @@ class UNetDecoder(nn.Module):
         self.encoder_channels: Tuple[int, ...] = tuple(int(c) for c in encoder_channels)
         self.in_channels = int(in_channels)
         self.num_classes = int(num_classes)
+        if guide_channels < 0:
+            raise ValueError(f"UNetDecoder: guide_channels must be >= 0, got {guide_channels}")
+        self.guide_channels = int(guide_channels)
         stages = []
         prev = self.in_channels
         for skip_ch, out_ch in zip(skips, decoder_channels):
-            stages.append(DecoderStage(prev, skip_ch, int(out_ch), norm))
+            stages.append(DecoderStage(prev + self.guide_channels, skip_ch, int(out_ch), norm))
             prev = int(out_ch)
         self.stages = nn.ModuleList(stages)
         self.head = nn.Conv2d(prev, self.num_classes, kernel_size=1)
 
-    def forward(self, x: torch.Tensor, skips: List[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skips: List[torch.Tensor], guide: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decode.
 
         Args:
             x: ``[B, in_channels, h, w]`` bottleneck (at the resolution of the coarsest skip).
             skips: encoder features fine to coarse without the bottleneck, e.g. ``[F1, F2, F3, F4]``.
+            guide: ``[B, guide_channels, h', w']`` at any resolution; required exactly when
+                ``guide_channels > 0``.
 
         Returns:
             ``[B, K, 2^n h, 2^n w]`` logits, n = number of skips (the input size for the ResNet-34 encoder).
         """
         if len(skips) != len(self.stages):
             raise ValueError(f"UNetDecoder: expected {len(self.stages)} skip features, got {len(skips)}")
+        if (guide is None) != (self.guide_channels == 0):
+            raise ValueError(
+                f"UNetDecoder: built with guide_channels={self.guide_channels}, "
+                f"{'got no guide' if guide is None else 'got a guide ' + str(tuple(guide.shape))}"
+            )
+        if guide is not None and (guide.ndim != 4 or guide.shape[0] != x.shape[0] or guide.shape[1] != self.guide_channels):
+            raise ValueError(
+                f"UNetDecoder: guide must be [B={x.shape[0]}, {self.guide_channels}, h, w], got {tuple(guide.shape)}"
+            )
         for stage, skip in zip(self.stages, reversed(skips)):
+            if guide is not None:
+                g = F.interpolate(guide.to(x.dtype), size=x.shape[-2:], mode="bilinear", align_corners=False)
+                x = torch.cat([x, g], dim=1)
             x = stage(x, skip)
         return self.head(x)

@@ -17,6 +17,8 @@ N_PARAMS_NO_HEAD = 26_034_626
 # + the residual prototype head's bias-free 1x1 projection: F5 512 -> 256 (default), or hypercolumn (128 + 512) -> 256
 N_PARAMS = N_PARAMS_NO_HEAD + 512 * 256
 N_PARAMS_HYPER_HEAD = N_PARAMS_NO_HEAD + 640 * 256
+# head_guide: one more input channel (the head's probability) in the first 3x3 conv of each of the 4 stages
+N_PARAMS_GUIDE = N_PARAMS + 9 * (256 + 128 + 64 + 64)
 
 
 def _episode(s: int, q: int, size: int, seed: int = 0):
@@ -51,7 +53,7 @@ def test_registered_and_built_by_name(model):
     assert model.config == {
         "encoder": "resnet34", "weights": None, "tau": 0.5, "temperature": 0.1, "num_classes": 2,
         "use_background": False, "in_channels": 3, "norm": "batch", "prototype_head": "f5",
-        "head_dim": 256, "head_scaler": 20.0,
+        "head_dim": 256, "head_scaler": 20.0, "head_guide": False,
     }
 
 
@@ -61,6 +63,7 @@ def test_parameter_count(model):
     assert sum(p.numel() for p in build_model("cwpa_unet", prototype_head=None).parameters()) == N_PARAMS_NO_HEAD
     hyper = build_model("cwpa_unet", prototype_head="hypercolumn")
     assert sum(p.numel() for p in hyper.parameters()) == N_PARAMS_HYPER_HEAD
+    assert sum(p.numel() for p in build_model("cwpa_unet", head_guide=True).parameters()) == N_PARAMS_GUIDE
 
 
 def test_untrained_model_is_the_prototype_matcher_and_no_head_is_the_decoder_alone():
@@ -254,3 +257,47 @@ def test_hypercolumn_head_matches_at_one_eighth():
         assert m.head.embed(feats).shape == (1, 256, 8, 8)  # 64 / 8 (F5 alone would be 4x4)
         out = m(s_img, s_mask, q_img)
     assert out.logits.shape == (1, 2, 64, 64) and torch.isfinite(out.logits).all()
+
+
+def test_head_guide_feeds_the_heads_probability_to_every_decoder_stage():
+    torch.manual_seed(0)
+    m = build_model("cwpa_unet", head_guide=True).eval()
+    assert m.config["head_guide"] is True and m.decoder.guide_channels == 1
+    s_img, s_mask, q_img, _ = _episode(1, 2, 64, seed=4)
+    with torch.no_grad():
+        q_feats = m.encode(q_img)
+        protos = m.prototypes(m.encode(s_img), s_mask)
+        scores = m.head(q_feats, protos.head)  # at the matching resolution
+        assert scores.shape == (2, 2, 4, 4)
+        # untrained: the decoder's classifier is zero, so the output is still exactly the upsampled head
+        torch.testing.assert_close(m(s_img, s_mask, q_img).logits, m.head(q_feats, protos.head, (64, 64)),
+                                   rtol=1e-5, atol=1e-5)
+        torch.nn.init.normal_(m.decoder.head.weight, std=0.1)
+        enhanced = m.cwpa(q_feats[-1], protos.local)
+        guide = torch.sigmoid(scores[:, 1:2] - scores[:, 0:1])
+        expected = m.decoder(enhanced, q_feats[:-1], guide=guide) + m.head(q_feats, protos.head, (64, 64))
+        torch.testing.assert_close(m.segment(q_feats, protos), expected, rtol=1e-5, atol=1e-5)
+        # the guide changes what the decoder paints
+        flipped = m.decoder(enhanced, q_feats[:-1], guide=1.0 - guide)
+        assert (flipped - m.decoder(enhanced, q_feats[:-1], guide=guide)).abs().max() > 1e-4
+        # the decoder's output depends on the guide (gradient through every stage's extra input channel)
+        guide_leaf = guide.clone().requires_grad_(True)
+    with torch.enable_grad():
+        m.decoder(enhanced, q_feats[:-1], guide=guide_leaf).sum().backward()
+    assert guide_leaf.grad is not None and guide_leaf.grad.abs().sum() > 0
+
+
+def test_head_guide_options_are_validated():
+    from fewshot_proto.models.decoders.unet import UNetDecoder
+
+    with pytest.raises(ValueError, match="head_guide=True needs a prototype head"):
+        build_model("cwpa_unet", prototype_head=None, head_guide=True)
+    dec = UNetDecoder((8, 8, 8, 8, 8), in_channels=16, guide_channels=1)
+    x, skips = torch.zeros(1, 16, 2, 2), [torch.zeros(1, 8, 2 ** k, 2 ** k) for k in (4, 3, 2, 1)]
+    with pytest.raises(ValueError, match="guide_channels=1, got no guide"):
+        dec(x, skips)
+    with pytest.raises(ValueError, match=r"guide must be \[B=1, 1, h, w\]"):
+        dec(x, skips, guide=torch.zeros(1, 2, 2, 2))
+    assert dec(x, skips, guide=torch.zeros(1, 1, 7, 7)).shape == (1, 2, 32, 32)  # any guide size is resized
+    with pytest.raises(ValueError, match="guide_channels=0, got a guide"):
+        UNetDecoder((8, 8, 8, 8, 8), in_channels=16)(x, skips, guide=torch.zeros(1, 1, 2, 2))
