@@ -25,7 +25,7 @@ Rows (``--methods`` picks a subset of the method names in brackets):
   scans of the fold (``supervised.n_labelled`` 1, 2, 4 and all, nested choices with selection seed 0), one model
   per ``n``; reduced widths for CPU (stated in each row).
 
-    python benchmarks/fewshot_vs_supervised.py                       # built-in phantoms, ~40 min on 2 threads
+    python benchmarks/fewshot_vs_supervised.py                       # built-in phantoms, ~80 min on 2 threads
     python benchmarks/fewshot_vs_supervised.py --methods unet,panet  # a subset (rows merge into the results)
     python benchmarks/fewshot_vs_supervised.py --resume              # skip rows already in the results
     python benchmarks/fewshot_vs_supervised.py --data ../shared/data/chaos_t2 --budget-scale 4   # real data, 256 px
@@ -61,17 +61,20 @@ ALL_METHODS = FEWSHOT_METHODS + SUPERVISED_METHODS
 LABELLED = [1, 2, 4, None]  # None: all training scans of the fold
 
 #: Training wall-time budget in seconds per method (default run, before --budget-scale). The phantom default
-#: adds up to 540 + 150 + 150 + 120 + 150 + 12 * 75 = 2010 s of training; evaluation adds a few minutes. cwpa_unet
-#: gets the training cap of the library's default `train --shots 1` run (540 s).
+#: adds up to 2 * 540 + 2 * 150 + 240 + 12 * 240 = 4500 s of training; evaluation adds a few minutes. cwpa_unet gets
+#: the training cap of the library's default `train --shots 1` run (540 s), and so does ALPNet. The
+#: supervised U-Nets and the fine-tuning base get 240 s: at 256 px (8 slices a batch, 0.65 s a step here) the 75 s
+#: they had at 128 px gave about 110 steps, after which no supervised model predicted any foreground (Dice 0.0 for
+#: every n). PANet and MAML keep 150 s.
 BUDGETS: Dict[str, float] = {
     "cwpa_unet": 540.0,
     "panet": 150.0,
-    "alpnet": 150.0,
-    "finetune": 120.0,  # pretraining of the U-Net base on the training classes
+    "alpnet": 540.0,  # the stronger prototype reference gets our budget
+    "finetune": 240.0,  # pretraining of the U-Net base on the training classes
     "maml_unet": 150.0,
-    "unet": 75.0,  # each of n_labelled = 1, 2, 4, all
-    "resupnet": 75.0,
-    "mobilenet_aspp_se_unet": 75.0,
+    "unet": 240.0,  # each of n_labelled = 1, 2, 4, all
+    "resupnet": 240.0,
+    "mobilenet_aspp_se_unet": 240.0,
 }
 #: Iteration cap per training run (the budget normally binds first).
 MAX_ITERS = 100_000
@@ -632,7 +635,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     kept = {b["method"]: b for b in (bench.doc.get("budgets") or []) if isinstance(b, dict) and "method" in b}
     kept.update({b["method"]: b for b in budgets})
     bench.doc["budgets"] = [kept[m] for m in ALL_METHODS if m in kept]
-    print(f"data: {bench.data_name} | size {bench.size} | threads {args.threads} | budget scale {bench.scale}"
+    print(f"data: {bench.data_name} | size {bench.size} | {bench.precision} | threads {args.threads} | "
+          f"budget scale {bench.scale}"
           + (" | QUICK" if bench.quick else ""))
     print(f"{'method':<24} {'budget (s)':>10} {'runs':>5} {'total (s)':>10}  what")
     for b in budgets:
