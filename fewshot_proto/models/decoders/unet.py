@@ -122,7 +122,7 @@ class UNetDecoder(nn.Module):
                 f"UNetDecoder: built with guide_channels={self.guide_channels}, "
                 f"{'got no guide' if guide is None else 'got a guide ' + str(tuple(guide.shape))}"
             )
-        if guide is not None and (guide.ndim != 4 or guide.shape[0] != x.shape[0] or guide.shape[1] != self.guide_channels):
+        if guide is not None and (guide.ndim != 4 or guide.shape[:2] != (x.shape[0], self.guide_channels)):
             raise ValueError(
                 f"UNetDecoder: guide must be [B={x.shape[0]}, {self.guide_channels}, h, w], got {tuple(guide.shape)}"
             )
