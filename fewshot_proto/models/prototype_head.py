@@ -110,8 +110,7 @@ class PrototypeHead(nn.Module):
     def forward(self, query_feats: List[torch.Tensor], prototypes: ClassPrototypes, size=None) -> torch.Tensor:
         """Query pyramid and the support's bags -> float32 scores ``[Q, 2, *size]`` (background, foreground);
         ``size=None`` keeps the matching resolution ``(h, w)``."""
-        feat = self.embed(query_feats)
-        return class_scores(feat, prototypes, self.scaler, feat.shape[-2:] if size is None else size)
+        return class_scores(self.embed(query_feats), prototypes, self.scaler, size)
 
     def extra_repr(self) -> str:
         return (

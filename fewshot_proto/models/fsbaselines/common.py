@@ -80,13 +80,16 @@ def class_score(
         return (torch.softmax(d, dim=1) * d).sum(dim=1)
 
 
-def class_scores(feat: torch.Tensor, prototypes: ClassPrototypes, scaler: float, size) -> torch.Tensor:
+def class_scores(feat: torch.Tensor, prototypes: ClassPrototypes, scaler: float, size=None) -> torch.Tensor:
     """Background and foreground ``class_score`` maps of ``feat[Q, D, h, w]``, upsampled bilinearly to ``size``:
-    float32 logits ``[Q, 2, *size]`` (PANet's and ALPNet's output, and ``CWPAUNet``'s residual prototype head)."""
+    float32 logits ``[Q, 2, *size]`` (PANet's and ALPNet's output, and ``CWPAUNet``'s residual prototype head);
+    ``size=None`` returns them at ``(h, w)`` without resampling."""
     with torch.autocast(device_type=feat.device.type, enabled=False):
         scores = torch.stack(
             [class_score(feat, prototypes.bg, scaler), class_score(feat, prototypes.fg, scaler)], dim=1
         )  # [Q, 2, h, w] float32
+        if size is None:
+            return scores
         return F.interpolate(scores, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
 
 
