@@ -222,7 +222,7 @@ class Bench:
         self.paths = {ext: self.out / f"{stem}.{ext}" for ext in ("json", "md", "csv", "png")}
         self.sup_kwargs = QUICK_SUPERVISED_KWARGS if self.quick else SUPERVISED_KWARGS
         base = default_config(builtin=args.data is None)
-        self.library_train = dataclasses.replace(base.train)  # what `train` does by default on this data
+        self.library_train = base.train  # what `train` does by default on this data (apply_overrides copies)
         self.base = apply_overrides(base, {
             "data.size": self.size, "protocol.name": "alpnet", "protocol.setting": 2, "protocol.test_classes": [2, 3],
             "protocol.fold": 0, "protocol.shots": 1, "episodes.shots": 1, "train.iters": self.iters,
