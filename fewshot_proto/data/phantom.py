@@ -1,6 +1,7 @@
 """Synthetic multi-organ abdominal phantoms: the built-in default dataset (DESIGN.md section 6).
 
-Each scan is a T2-MRI-like 3-D volume of an abdomen with four labelled organs laid out like CHAOS-T2:
+Each scan is a T2-MRI-like 3-D volume of an abdomen with four labelled organs laid out and sized like CHAOS-T2
+(each organ's median area per slice, as a fraction of the image, is within 20 % of CHAOS-T2's since version 3):
 
     1 liver (large, patient's right, upper abdomen)       2 right kidney (small, posterior, lowest)
     3 left kidney (small, posterior, a little higher)      4 spleen (medium crescent, patient's left, upper)
@@ -58,7 +59,7 @@ __all__ = [
     "zscore",
 ]
 
-PHANTOM_VERSION = "2"
+PHANTOM_VERSION = "3"
 
 LABEL_NAMES: Dict[int, str] = {1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
 
@@ -82,6 +83,18 @@ _GREY = {
     "aorta": 0.12,
     "ivc": 0.36,
 }
+
+# Organ size factors (in-plane semi-axes), the kidneys' cranio-caudal profile exponent and their distance from the
+# midline, set so each organ's median area per slice, as a fraction of the image, matches CHAOS-T2 in the
+# SSL-ALPNet layout (the benchmark the phantoms imitate; measured on the 20 labelled scans of
+# ../shared/data/chaos_t2: liver 8.2 %, kidneys 1.7 / 1.8 %, spleen 2.5 %). Version 2 had the factors at 1.0, the
+# exponent at 0.55 and the kidneys 0.34 from the midline: its kidneys covered 0.55 % of a slice (liver 4.5 %,
+# spleen 1.2 %). ``tests/unit/data/test_phantom.py`` checks the calibration against the real labels.
+_SCALE_LIVER = 1.35
+_SCALE_KIDNEY = 1.9
+_SCALE_SPLEEN = 1.5
+_KIDNEY_PROFILE_POWER = 0.35
+_KIDNEY_X = 0.42                                 # distance of each kidney's centre from the midline
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,11 +349,12 @@ def make_phantom(rng: np.random.Generator, *, size: int = 128, n_slices_range: T
     t_liv = np.clip((u - lv_lo) / (lv_hi - lv_lo), 0, 1)
     cxl = (-0.42 + _jit(rng, 0.06) - 0.04 * (1 - t_liv)) * ones
     cyl = (0.00 + _jit(rng, 0.05) + 0.30 * (1 - t_liv) ** 1.5) * ones
-    rho_r, _ = _blob(x, y, cxl, cyl, 0.34 * sz * w_liv, 0.38 * sz * w_liv, 0.15 + _jit(rng, 0.1),
+    rho_r, _ = _blob(x, y, cxl, cyl, 0.34 * _SCALE_LIVER * sz * w_liv, 0.38 * _SCALE_LIVER * sz * w_liv,
+                     0.15 + _jit(rng, 0.1),
                      _harm(rng, [(2, 0.10, 0.6), (3, 0.07, 1.9), (5, 0.03, 0.2)]))
     w_left = _profile(u, lv_lo + 0.40 * (lv_hi - lv_lo), lv_hi - 0.06, peak=0.5, power=0.6)
     rho_l, _ = _blob(x, y, (-0.12 + _jit(rng, 0.04)) * ones, (-0.30 + _jit(rng, 0.03)) * ones,
-                     0.30 * sz * w_left, 0.14 * sz * w_left, -0.35 + _jit(rng, 0.1),
+                     0.30 * _SCALE_LIVER * sz * w_left, 0.14 * _SCALE_LIVER * sz * w_left, -0.35 + _jit(rng, 0.1),
                      _harm(rng, [(2, 0.08, 0.0), (3, 0.05, 1.0)]))
     m_liver = organ_space & (np.minimum(rho_r, rho_l) < 1)
     del rho_r, rho_l
@@ -349,9 +363,11 @@ def make_phantom(rng: np.random.Generator, *, size: int = 128, n_slices_range: T
     sp_lo, sp_hi = 0.52 + _jit(rng, 0.03), 0.92 + _jit(rng, 0.03)
     w_sp = _profile(u, sp_lo, sp_hi, peak=0.55, power=0.5)
     scx, scy = 0.55 + _jit(rng, 0.04), 0.20 + _jit(rng, 0.04)
-    rho_s, _ = _blob(x, y, scx * ones, scy * ones, 0.17 * sz * w_sp, 0.27 * sz * w_sp, -0.55 + _jit(rng, 0.12),
+    rho_s, _ = _blob(x, y, scx * ones, scy * ones, 0.17 * _SCALE_SPLEEN * sz * w_sp, 0.27 * _SCALE_SPLEEN * sz * w_sp,
+                     -0.55 + _jit(rng, 0.12),
                      _harm(rng, [(2, 0.06, 0.3), (3, 0.05, 2.2)]))
-    rho_s2, _ = _blob(x, y, (scx - 0.16) * ones, (scy - 0.03) * ones, 0.11 * sz * w_sp, 0.22 * sz * w_sp,
+    rho_s2, _ = _blob(x, y, (scx - 0.16 * _SCALE_SPLEEN) * ones, (scy - 0.03) * ones, 0.11 * _SCALE_SPLEEN * sz * w_sp,
+                      0.22 * _SCALE_SPLEEN * sz * w_sp,
                       -0.55, ())
     m_spleen = organ_space & (rho_s < 1) & (rho_s2 >= 1)
     del rho_s, rho_s2
@@ -362,15 +378,17 @@ def make_phantom(rng: np.random.Generator, *, size: int = 128, n_slices_range: T
     for lab, side, k_lo, k_hi in ((RKIDNEY, -1.0, 0.08, 0.60), (LKIDNEY, 1.0, 0.14, 0.64)):
         k_lo += _jit(rng, 0.03)
         k_hi += _jit(rng, 0.03)
-        w_k = _profile(u, k_lo, k_hi, peak=0.5, power=0.55)
-        kcx = side * (0.34 + _jit(rng, 0.03))
+        w_k = _profile(u, k_lo, k_hi, peak=0.5, power=_KIDNEY_PROFILE_POWER)
+        kcx = side * (_KIDNEY_X + _jit(rng, 0.03))
         kcy = y_sp + 0.01 + _jit(rng, 0.03)
         krot = side * (-0.45) + _jit(rng, 0.1)
         harm = _harm(rng, [(2, 0.04, 0.0), (3, 0.03, 1.0)])
-        rho_k, th_k = _blob(x, y, kcx * ones, kcy * ones, 0.11 * sz * w_k, 0.16 * sz * w_k, krot, harm,
+        rho_k, th_k = _blob(x, y, kcx * ones, kcy * ones, 0.11 * _SCALE_KIDNEY * sz * w_k,
+                             0.16 * _SCALE_KIDNEY * sz * w_k, krot, harm,
                              want_theta=True)
         # hilum notch on the medial side
-        rho_n, _ = _blob(x, y, (kcx - side * 0.10 * sz) * ones, kcy * ones, 0.05 * sz * w_k, 0.06 * sz * w_k, krot)
+        rho_n, _ = _blob(x, y, (kcx - side * 0.10 * _SCALE_KIDNEY * sz) * ones, kcy * ones,
+                          0.05 * _SCALE_KIDNEY * sz * w_k, 0.06 * _SCALE_KIDNEY * sz * w_k, krot)
         m = organ_space & (rho_k < 1) & (rho_n >= 1)
         kid_masks[lab] = m
         # medial direction (-side, 0) expressed in the blob's rotated frame
