@@ -257,8 +257,11 @@ class Bench:
 
             vols = make_phantom_dataset(n_scans=10, size=64, n_slices_range=(12, 16))
             return InMemoryDataset(vols, name="phantom-quick-10x64", label_names=LABEL_NAMES), "phantom-quick-10x64"
+        from fewshot_proto.data.phantom import PHANTOM_VERSION
+
         ds = open_dataset()
-        return ds, ds.name
+        # the generator's version is part of the name, so rows from another phantom version never merge with these
+        return ds, f"{ds.name}-v{PHANTOM_VERSION}"
 
     def _load_previous(self) -> Dict[str, Any]:
         p = self.paths["json"]
