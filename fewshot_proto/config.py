@@ -312,14 +312,15 @@ def default_config(builtin: bool = True) -> ExperimentConfig:
     ``builtin=True`` (no ``--data``): the built-in phantoms at 256x256 (the field's input size; the 128-px
     phantoms are resampled) with a budget that trains and evaluates within 10 minutes on a 2-core CPU
     (``configs/experiments/phantom_default.yaml`` is this config as YAML): 1000 episodes in ``precision="auto"``
-    (bf16 where the CPU or GPU computes it natively, else fp32; 0.40-0.55 s per episode in bf16 here), and a 540 s
-    wall-time cap as a safety net for slower machines (the run then stops early, checkpoints and evaluates what
-    it has). At 128x128 a phantom kidney is about one cell of the 1/16 feature grid: the same model scored
-    21.8% on the held-out kidneys there, against 33-44% at 256x256 without the Dice term (README, "Current
-    results").
+    (bf16 where the CPU or GPU computes it natively, else fp32; 0.40-0.71 s per episode in bf16 here, by the
+    hour), and a 540 s wall-time cap as a safety net for slower machines (the run then stops early, checkpoints
+    and evaluates what it has). Why 256: at 128x128 a kidney of the version-2 phantoms was about one cell of the
+    1/16 feature grid, and the same model scored 21.8% on the held-out kidneys there, against 33-44% at 256x256
+    without the Dice term (README, "Current results").
     ``lambda_dice=1``: a soft Dice term on the query's foreground joins the CE (not in DESIGN.md's loss). The CE's
     background weight of 0.1 lets a 9% foreground probability paint a pixel, and the model over-segmented the small
-    held-out kidneys (precision 16-40%); over three seeds the Dice term raised the held-out mean from 35.1% to 44.1%.
+    held-out kidneys (precision 16-40%); over three seeds the Dice term raised the held-out mean from 35.1% to 44.1%
+    (phantoms version 2).
     ``builtin=False``: real data at 256x256, the field's alpnet protocol, Setting 2, test classes {2, 3}.
     """
     cfg = ExperimentConfig()
