@@ -367,8 +367,7 @@ def make_phantom(rng: np.random.Generator, *, size: int = 128, n_slices_range: T
                      -0.55 + _jit(rng, 0.12),
                      _harm(rng, [(2, 0.06, 0.3), (3, 0.05, 2.2)]))
     rho_s2, _ = _blob(x, y, (scx - 0.16 * _SCALE_SPLEEN) * ones, (scy - 0.03) * ones, 0.11 * _SCALE_SPLEEN * sz * w_sp,
-                      0.22 * _SCALE_SPLEEN * sz * w_sp,
-                      -0.55, ())
+                      0.22 * _SCALE_SPLEEN * sz * w_sp, -0.55, ())
     m_spleen = organ_space & (rho_s < 1) & (rho_s2 >= 1)
     del rho_s, rho_s2
 
