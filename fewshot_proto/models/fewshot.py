@@ -12,7 +12,8 @@ Evaluation can reuse the support side across many queries::
 
 The logits are the U-Net decoder's plus, by default, the scores of a residual prototype head (ALPNet-style cosine
 matching, ``models/prototype_head.py``, which explains why: without it the model scored 1.8-2.5% Dice on the
-phantoms' held-out kidneys, with it 21-27% over three runs, and 47% instead of 22% on CHAOS-T2 fold 0).
+held-out kidneys of phantoms v2 at 128 px, with it 21-27% over three runs, and 47% instead of 22% on CHAOS-T2
+fold 0).
 ``prototype_head=None`` gives DESIGN.md section 3's model exactly.
 
 ``forward`` contains no loss and no flags; the engine computes losses from ``SegOutput.aux``.

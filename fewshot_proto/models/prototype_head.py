@@ -1,6 +1,6 @@
 """Residual prototype head of ``CWPAUNet``: non-parametric cosine matching added to the decoder's logits.
 
-Why it exists (a deviation from DESIGN.md section 3, measured on the built-in phantoms): the design's model sees
+Why it exists (a deviation from DESIGN.md section 3, measured on phantoms v2 at 128 px): the design's model sees
 the support only through ``concat(F5, P_agg * F5)`` at the bottleneck. The softmax weights of the aggregation sum
 to 1 at every position, so ``P_agg`` is a mixture of foreground prototypes everywhere and nothing in the decoder
 input says *how well* a position matches the support. Trained on liver, spleen and superpixel episodes, that
@@ -18,7 +18,7 @@ Matching features (``features``):
 * ``"f5"`` (default): a bias-free 1x1 convolution of F5 (the dilated layer4, 512 channels, 1/16 of the input) to
   ``dim`` channels, as SSL-ALPNet reduces its features to 256.
 * ``"hypercolumn"``: the same projection of ``concat(F3, upsample(F5))`` at 1/8 (F3 is layer2, 128 channels). At
-  128 px a kidney is about one F5 cell, so matching at 1/8 should paint finer blobs. Measured on the phantoms
+  128 px a v2-phantom kidney is about one F5 cell, so matching at 1/8 should paint finer blobs. Measured there
   (1500 episodes of the default config, one run each), it did not help (24.3% against 27.4% for ``"f5"``) and
   cost 17% more time per episode, hence not the default.
 
