@@ -343,18 +343,18 @@ def make_phantom(rng: np.random.Generator, *, size: int = 128, n_slices_range: T
 
     # ---- organs (canonical layout: x to patient's left = image right, y posterior = image down) -------------
     sz = rng.uniform(0.9, 1.1)                   # patient size factor for organs
+    sz_liv, sz_sp, sz_k = _SCALE_LIVER * sz, _SCALE_SPLEEN * sz, _SCALE_KIDNEY * sz
     # liver: big right lobe + left lobe reaching across the midline in the upper part
     lv_lo, lv_hi = 0.36 + _jit(rng, 0.03), 0.97 + _jit(rng, 0.02)
     w_liv = _profile(u, lv_lo, lv_hi, peak=0.68, power=0.35)
     t_liv = np.clip((u - lv_lo) / (lv_hi - lv_lo), 0, 1)
     cxl = (-0.42 + _jit(rng, 0.06) - 0.04 * (1 - t_liv)) * ones
     cyl = (0.00 + _jit(rng, 0.05) + 0.30 * (1 - t_liv) ** 1.5) * ones
-    rho_r, _ = _blob(x, y, cxl, cyl, 0.34 * _SCALE_LIVER * sz * w_liv, 0.38 * _SCALE_LIVER * sz * w_liv,
-                     0.15 + _jit(rng, 0.1),
+    rho_r, _ = _blob(x, y, cxl, cyl, 0.34 * sz_liv * w_liv, 0.38 * sz_liv * w_liv, 0.15 + _jit(rng, 0.1),
                      _harm(rng, [(2, 0.10, 0.6), (3, 0.07, 1.9), (5, 0.03, 0.2)]))
     w_left = _profile(u, lv_lo + 0.40 * (lv_hi - lv_lo), lv_hi - 0.06, peak=0.5, power=0.6)
     rho_l, _ = _blob(x, y, (-0.12 + _jit(rng, 0.04)) * ones, (-0.30 + _jit(rng, 0.03)) * ones,
-                     0.30 * _SCALE_LIVER * sz * w_left, 0.14 * _SCALE_LIVER * sz * w_left, -0.35 + _jit(rng, 0.1),
+                     0.30 * sz_liv * w_left, 0.14 * sz_liv * w_left, -0.35 + _jit(rng, 0.1),
                      _harm(rng, [(2, 0.08, 0.0), (3, 0.05, 1.0)]))
     m_liver = organ_space & (np.minimum(rho_r, rho_l) < 1)
     del rho_r, rho_l
@@ -363,11 +363,10 @@ def make_phantom(rng: np.random.Generator, *, size: int = 128, n_slices_range: T
     sp_lo, sp_hi = 0.52 + _jit(rng, 0.03), 0.92 + _jit(rng, 0.03)
     w_sp = _profile(u, sp_lo, sp_hi, peak=0.55, power=0.5)
     scx, scy = 0.55 + _jit(rng, 0.04), 0.20 + _jit(rng, 0.04)
-    rho_s, _ = _blob(x, y, scx * ones, scy * ones, 0.17 * _SCALE_SPLEEN * sz * w_sp, 0.27 * _SCALE_SPLEEN * sz * w_sp,
-                     -0.55 + _jit(rng, 0.12),
+    rho_s, _ = _blob(x, y, scx * ones, scy * ones, 0.17 * sz_sp * w_sp, 0.27 * sz_sp * w_sp, -0.55 + _jit(rng, 0.12),
                      _harm(rng, [(2, 0.06, 0.3), (3, 0.05, 2.2)]))
-    rho_s2, _ = _blob(x, y, (scx - 0.16 * _SCALE_SPLEEN) * ones, (scy - 0.03) * ones, 0.11 * _SCALE_SPLEEN * sz * w_sp,
-                      0.22 * _SCALE_SPLEEN * sz * w_sp, -0.55, ())
+    rho_s2, _ = _blob(x, y, (scx - 0.16 * _SCALE_SPLEEN) * ones, (scy - 0.03) * ones, 0.11 * sz_sp * w_sp,
+                      0.22 * sz_sp * w_sp, -0.55, ())
     m_spleen = organ_space & (rho_s < 1) & (rho_s2 >= 1)
     del rho_s, rho_s2
 
@@ -382,12 +381,11 @@ def make_phantom(rng: np.random.Generator, *, size: int = 128, n_slices_range: T
         kcy = y_sp + 0.01 + _jit(rng, 0.03)
         krot = side * (-0.45) + _jit(rng, 0.1)
         harm = _harm(rng, [(2, 0.04, 0.0), (3, 0.03, 1.0)])
-        rho_k, th_k = _blob(x, y, kcx * ones, kcy * ones, 0.11 * _SCALE_KIDNEY * sz * w_k,
-                             0.16 * _SCALE_KIDNEY * sz * w_k, krot, harm,
+        rho_k, th_k = _blob(x, y, kcx * ones, kcy * ones, 0.11 * sz_k * w_k, 0.16 * sz_k * w_k, krot, harm,
                              want_theta=True)
         # hilum notch on the medial side
-        rho_n, _ = _blob(x, y, (kcx - side * 0.10 * _SCALE_KIDNEY * sz) * ones, kcy * ones,
-                          0.05 * _SCALE_KIDNEY * sz * w_k, 0.06 * _SCALE_KIDNEY * sz * w_k, krot)
+        rho_n, _ = _blob(x, y, (kcx - side * 0.10 * sz_k) * ones, kcy * ones, 0.05 * sz_k * w_k, 0.06 * sz_k * w_k,
+                          krot)
         m = organ_space & (rho_k < 1) & (rho_n >= 1)
         kid_masks[lab] = m
         # medial direction (-side, 0) expressed in the blob's rotated frame
