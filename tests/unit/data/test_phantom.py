@@ -93,13 +93,13 @@ def _median_slice_fraction(label_zhw: np.ndarray, c: int) -> float:
 def test_organ_sizes_match_chaos_t2(real_data_dir):
     """Version 3's size constants: each organ's median per-slice area (fraction of the image, median over scans)
     is within 20 % of CHAOS-T2's, the benchmark the phantoms imitate. Version 2's kidneys were 3x too small."""
-    import nibabel as nib
+    from fewshot_proto.data import open_dataset
 
-    files = sorted((real_data_dir / "chaos_t2").glob("label_*.nii.gz"))
-    assert len(files) == 20
+    chaos = open_dataset(real_data_dir / "chaos_t2")
+    assert len(chaos.ids) == 20
     real = {c: [] for c in LABEL_NAMES}
-    for f in files:
-        lab = np.moveaxis(np.asarray(nib.load(str(f)).dataobj), 2, 0)   # (H, W, Z) -> (Z, H, W)
+    for scan_id in chaos.ids:
+        lab = chaos.load_label(scan_id)  # [Z, H, W], read from the label file only
         for c in LABEL_NAMES:
             real[c].append(_median_slice_fraction(lab, c))
     ours = {c: [] for c in LABEL_NAMES}
