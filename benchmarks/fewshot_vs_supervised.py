@@ -245,6 +245,7 @@ class Bench:
 
     def _open_data(self):
         from fewshot_proto.data import InMemoryDataset, open_dataset
+        from fewshot_proto.data.phantom import LABEL_NAMES, PHANTOM_VERSION, make_phantom_dataset
 
         a = self.args
         if a.data is not None:
@@ -253,12 +254,8 @@ class Bench:
             ds = open_dataset(a.data, layout=a.layout)
             return ds, str(Path(a.data).resolve().name)
         if self.quick:  # ten small phantoms in memory: every method runs in seconds
-            from fewshot_proto.data.phantom import LABEL_NAMES, make_phantom_dataset
-
             vols = make_phantom_dataset(n_scans=10, size=64, n_slices_range=(12, 16))
             return InMemoryDataset(vols, name="phantom-quick-10x64", label_names=LABEL_NAMES), "phantom-quick-10x64"
-        from fewshot_proto.data.phantom import PHANTOM_VERSION
-
         ds = open_dataset()
         # the generator's version is part of the name, so rows from another phantom version never merge with these
         return ds, f"{ds.name}-v{PHANTOM_VERSION}"
