@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from fewshot_proto.errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -41,10 +43,6 @@ __all__ = [
 
 #: values of ``train.precision`` and ``--precision`` (``"auto"``: ``engine.runtime.resolve_precision``)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-class ConfigError(ValueError):
-    """A configuration file or override is malformed (unknown key, wrong type, unreadable YAML)."""
 
 
 @dataclass

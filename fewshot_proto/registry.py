@@ -5,12 +5,14 @@
     @MODELS.register("unet")
     def build_unet(**kwargs): ...
 
-    MODELS.get("unet")      # -> the builder; an unknown name raises KeyError listing every valid name
+    MODELS.get("unet")      # -> the builder; an unknown name raises UnknownNameError (a KeyError) listing every valid name
     MODELS.names()          # sorted names
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, TypeVar
+
+from fewshot_proto.errors import UnknownNameError
 
 T = TypeVar("T", bound=Callable[..., Any])
 
@@ -18,7 +20,7 @@ T = TypeVar("T", bound=Callable[..., Any])
 class Registry:
     """A name -> builder mapping that fails loudly in both directions.
 
-    Registering a name twice raises ``ValueError``; asking for an unknown name raises ``KeyError`` whose
+    Registering a name twice raises ``ValueError``; asking for an unknown name raises ``UnknownNameError`` (a ``KeyError``) whose
     message lists every registered name.
     """
 
@@ -47,7 +49,7 @@ class Registry:
             return self._items[name]
         except KeyError:
             valid = ", ".join(self.names()) or "(none registered)"
-            raise KeyError(f"unknown {self.kind} {name!r}; valid names: {valid}") from None
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; valid names: {valid}") from None
 
     def build(self, name: str, **kwargs: Any) -> Any:
         """``get(name)(**kwargs)``."""

@@ -9,6 +9,7 @@ from typing import FrozenSet, Optional
 import torch
 
 from fewshot_proto.config import PRECISIONS
+from fewshot_proto.errors import ConfigError
 
 __all__ = ["resolve_device", "resolve_precision", "native_bf16", "autocast", "configure_threads", "to_memory_format"]
 
@@ -19,9 +20,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} was requested but no CUDA GPU is available; use --device auto or cpu")
+        raise ConfigError(f"device {name!r} was requested but no CUDA GPU is available; use auto or cpu")
     if name not in ("cpu",) and not name.startswith("cuda"):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
     return torch.device(name)
 
 
@@ -55,7 +56,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     are checked and returned lower-cased."""
     p = str(precision).lower()
     if p not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if p == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return p
@@ -71,9 +72,9 @@ def autocast(device: torch.device, precision: str = "fp32"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     if precision == "fp16":
         if device.type != "cuda":
-            raise ValueError("precision fp16 needs a CUDA device; use bf16 on CPU")
+            raise ConfigError("precision fp16 needs a CUDA device; use bf16 on CPU")
         return torch.autocast(device_type="cuda", dtype=torch.float16)
-    raise ValueError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
+    raise ConfigError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
 
 
 def configure_threads(threads: Optional[int] = None) -> int:
