@@ -8,18 +8,40 @@ A dataset is a lazily-read collection of labelled scans::
     ds.load_label(scan_id)   -> int array [Z,H,W] (no image voxels read)
     ds.label_names           -> {class id: name}
     ds.slice_index()         -> SliceIndex (readers on disk cache it and rebuild it when a file changes)
+    ds.check_integrity()     -> None, or one DataError listing every problem found without reading voxels
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from fewshot_proto.errors import DataError
 from fewshot_proto.types import SliceIndex, Volume, natural_key
 
-__all__ = ["VolumeDataset", "InMemoryDataset", "build_slice_index", "slice_index_from_labels"]
+__all__ = ["VolumeDataset", "InMemoryDataset", "build_slice_index", "slice_index_from_labels", "integrity_error",
+           "LABEL_DTYPE_KINDS"]
+
+#: numpy dtype kinds a label array may have: bool, signed / unsigned integers, and real floats (which must hold
+#: integers; the NIfTI readers check the values when they decode the voxels)
+LABEL_DTYPE_KINDS = "biuf"
+
+
+def integrity_error(where: str, problems: Sequence[Tuple[str, str]]) -> DataError:
+    """The one ``DataError`` of a failed integrity check.
+
+    Args:
+        where: the dataset (its root folder for readers on disk).
+        problems: ``(scan id, "<file>: <problem>")`` pairs in the order found.
+
+    Returns:
+        ``DataError("<where>: N problem(s) in M scan(s): <file>: <problem>; <file>: <problem>; ...")``.
+    """
+    n_scans = len({sid for sid, _ in problems})
+    text = "; ".join(msg for _, msg in problems)
+    return DataError(f"{where}: {len(problems)} problem(s) in {n_scans} scan(s): {text}")
 
 
 def slice_index_from_labels(labels: Iterable[tuple], dataset: str = "") -> SliceIndex:
@@ -93,6 +115,14 @@ class VolumeDataset:
             raise DataError(f"dataset {self.name!r}: scan {scan_id!r} has no label")
         return vol.label
 
+    def check_integrity(self, cache_dir: Optional[Union[str, os.PathLike]] = None) -> None:
+        """Raise one ``DataError`` listing every problem that can be found without decoding voxels.
+
+        Call it before a run starts so that a broken scan is reported even when it would never be sampled. The
+        base class has nothing cheap to check (its volumes are validated as they are read) and passes; readers
+        override it. ``cache_dir`` is where readers on disk record a pass (ignored here).
+        """
+
     def slice_index(self) -> SliceIndex:
         if self._index is None:
             self._index = build_slice_index(self)
@@ -125,3 +155,25 @@ class InMemoryDataset(VolumeDataset):
 
     def _read(self, scan_id: str) -> Volume:
         return self._vols[scan_id]
+
+    def check_integrity(self, cache_dir: Optional[Union[str, os.PathLike]] = None) -> None:
+        """Check the arrays in memory: images 3-D, labels 3-D with the image's shape and an integer, bool or float
+        dtype. Raises one ``DataError`` listing every problem (``Volume`` checks this when it is built, but its
+        fields can be replaced afterwards). Nothing is cached (``cache_dir`` is ignored): the check is cheap."""
+        problems: List[Tuple[str, str]] = []
+        for sid in self.ids:
+            vol = self._vols[sid]
+            image = np.asarray(vol.image)
+            if image.ndim != 3:
+                problems.append((sid, f"scan {sid!r}: image must be 3-D [Z,H,W], got shape {image.shape}"))
+            if vol.label is None:
+                continue
+            label = np.asarray(vol.label)
+            if label.ndim != 3:
+                problems.append((sid, f"scan {sid!r}: label must be 3-D [Z,H,W], got shape {label.shape}"))
+            elif image.ndim == 3 and label.shape != image.shape:
+                problems.append((sid, f"scan {sid!r}: label shape {label.shape} != image shape {image.shape}"))
+            if label.dtype.kind not in LABEL_DTYPE_KINDS:
+                problems.append((sid, f"scan {sid!r}: unsupported label dtype {label.dtype}"))
+        if problems:
+            raise integrity_error(f"dataset {self.name!r}", problems)

@@ -17,7 +17,10 @@ Two folder layouts are read:
 
 Every reader is lazy: the constructor only lists files; ``load`` decodes one scan (kept in a bounded LRU cache),
 ``load_label`` decodes only the label file, and ``slice_index`` reads labels one volume at a time and caches the
-result on disk (JSON), rebuilt only when a file's ``(name, size, mtime_ns)`` changes.
+result on disk (JSON), rebuilt only when a file's ``(name, size, mtime_ns)`` changes. ``check_integrity`` reads
+every header (never the voxels) and raises one error listing all the broken scans; a pass is cached the same way.
+A file name that is a dangling symbolic link still makes its scan part of the dataset (it is reported as broken,
+never silently left out of the scan list).
 
 Arrays: the file's ``slice_axis`` is moved to the front, so ``Volume.image`` / ``Volume.label`` are ``[Z, H, W]``
 with ``H, W`` the remaining file axes in their file order, and ``Volume.spacing`` is in that array order.
@@ -39,7 +42,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from fewshot_proto.data.dataset import VolumeDataset, slice_index_from_labels
+from fewshot_proto.data.dataset import LABEL_DTYPE_KINDS, VolumeDataset, integrity_error, slice_index_from_labels
 from fewshot_proto.data.normalise import DEFAULT_CT_WINDOW, NORMALISE_METHODS, dataset_stats, normalise_volume
 from fewshot_proto.errors import DataError
 from fewshot_proto.types import SliceIndex, Volume, natural_key
@@ -60,6 +63,8 @@ PathLike = Union[str, os.PathLike]
 
 #: bump when the on-disk SliceIndex cache format or the label semantics change (old caches are then ignored)
 INDEX_FORMAT_VERSION = 1
+#: bump when ``NiftiDataset.check_integrity`` checks more (cached passes of older checks are then ignored)
+_INTEGRITY_VERSION = 1
 _NII_RE = re.compile(r"(.+?)(\.nii\.gz|\.nii)")
 _ALPNET_RE = re.compile(r"(image|label)_(.+?)(\.nii\.gz|\.nii)")
 _LABEL_TOL = 1e-3
@@ -87,16 +92,39 @@ def _read_errors() -> Tuple[type, ...]:
     return (OSError, EOFError, zlib.error, ValueError, ImageFileError, HeaderDataError, WrapStructError)
 
 
+def _file_entry(path: Path) -> bool:
+    """``path`` names a regular file or a dangling symbolic link.
+
+    Discovery lists scans with this rather than ``is_file()`` so that a broken link keeps its scan in the dataset
+    and is reported (by :func:`_open`, ``check_integrity``) instead of the scan silently disappearing.
+    """
+    return path.is_file() or (path.is_symlink() and not path.exists())
+
+
+def _missing(path: Path) -> str:
+    """``"<path>: <why it is not a readable file>"`` (missing, dangling symbolic link, not a regular file)."""
+    if path.is_symlink() and not path.exists():
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        return f"{path}: broken symbolic link, its target {target} does not exist"
+    if path.exists():
+        return f"{path}: not a regular file"
+    return f"{path}: file does not exist"
+
+
 def _open(path: Path) -> Any:
     """``nibabel.load`` (header only; voxels stay on disk behind ``img.dataobj``)."""
     import nibabel as nib
 
     if not path.is_file():
-        raise DataError(f"{path}: file does not exist")
+        raise DataError(_missing(path))
     try:
         return nib.load(str(path))
     except _read_errors() as e:
-        raise DataError(f"cannot read {path}: {type(e).__name__}: {e} (corrupt or truncated NIfTI file?)") from e
+        raise DataError(f"{path}: cannot read the file: {type(e).__name__}: {e} (corrupt or truncated NIfTI file?)"
+                        ) from e
 
 
 def _shape3(img: Any, path: Path) -> Tuple[int, int, int]:
@@ -121,6 +149,30 @@ def _decode(img: Any, path: Path, shape: Tuple[int, int, int], as_float32: bool)
     return np.asarray(arr).reshape(shape)
 
 
+def _check_label_dtype(dtype: Any, path: Path) -> None:
+    """Raise ``DataError`` unless :func:`_cast_labels` accepts labels of ``dtype`` (bool, integers, real floats).
+
+    Used on the decoded array and, by ``check_integrity``, on the header's ``get_data_dtype()``.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind not in LABEL_DTYPE_KINDS:
+        raise DataError(f"{path}: unsupported label dtype {dtype} (labels must be integers, or floats holding "
+                        f"integers)")
+
+
+def _grid_mismatch(ipath: Path, shape: Tuple[int, ...], iaff: np.ndarray, lpath: Path, lshape: Tuple[int, ...],
+                   laff: np.ndarray) -> Optional[str]:
+    """Why label ``lpath`` is not on the voxel grid of image ``ipath`` (shape, then affine within
+    ``_AFFINE_TOL``), or ``None`` when it is."""
+    if tuple(shape) != tuple(lshape):
+        return f"shape mismatch, image {ipath} has shape {tuple(shape)} but label {lpath} has shape {tuple(lshape)}"
+    iaff, laff = np.asarray(iaff, dtype=np.float64), np.asarray(laff, dtype=np.float64)
+    if not np.allclose(iaff, laff, atol=_AFFINE_TOL, rtol=0):
+        return (f"affine mismatch, label {lpath} is not on the grid of image {ipath} "
+                f"(max abs difference {float(np.abs(iaff - laff).max()):.4g})")
+    return None
+
+
 def _cast_labels(raw: np.ndarray, path: Path) -> np.ndarray:
     """Integer labels from a label array of any numeric dtype (CHAOS stores float64).
 
@@ -130,8 +182,7 @@ def _cast_labels(raw: np.ndarray, path: Path) -> np.ndarray:
         return raw.astype(np.uint8)
     if raw.dtype.kind in "iu":
         return raw
-    if raw.dtype.kind != "f":
-        raise DataError(f"{path}: unsupported label dtype {raw.dtype}")
+    _check_label_dtype(raw.dtype, path)
     if raw.size == 0:
         return raw.astype(np.int64)
     lo, hi = float(raw.min()), float(raw.max())  # NaN propagates through min/max
@@ -201,6 +252,8 @@ def _stat(path: Path, root: Path) -> List[Any]:
     try:
         st = path.stat()
     except OSError as e:
+        if path.is_symlink():
+            raise DataError(_missing(path)) from e
         raise DataError(f"{path}: cannot stat file ({e}); was it removed after the dataset was opened?") from e
     try:
         name = str(path.relative_to(root))
@@ -294,6 +347,9 @@ class NiftiDataset(VolumeDataset):
         self._index_fp: Optional[List[List[Any]]] = None
         #: how many times this object built its SliceIndex from label files (cache hits do not count)
         self.index_builds = 0
+        self._integrity_fp: Optional[List[List[Any]]] = None
+        #: how many times this object read the headers in ``check_integrity`` (cached passes do not count)
+        self.integrity_checks = 0
 
     # -- to be provided by subclasses ---------------------------------------------------------------------------
     def _discover(self) -> Dict[str, Tuple[Path, Path]]:  # pragma: no cover - abstract
@@ -360,10 +416,8 @@ class NiftiDataset(VolumeDataset):
         fp = self._fingerprint()
         if self._index is not None and self._index_fp == fp:
             return self._index
-        cdir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         key = self._cache_key()
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name) or "dataset"
-        cpath = cdir / f"{safe}-{key[:16]}.json"
+        cpath = self._cache_path(cache_dir, key, ".json")
         index = self._read_index_cache(cpath, key, fp)
         if index is None:
             index = slice_index_from_labels(((i, self.load_label(i)) for i in self._ids), dataset=self.name)
@@ -377,10 +431,85 @@ class NiftiDataset(VolumeDataset):
         self._index, self._index_fp = index, fp
         return index
 
+    def check_integrity(self, cache_dir: Optional[PathLike] = None) -> None:
+        """Check every scan's image and label from their headers (voxels are never read); raise one ``DataError``
+        listing all the problems.
+
+        Checks, per scan: both files exist and their headers can be read (a dangling symbolic link or a corrupt
+        header is reported with the file), image and label are 3-D (a trailing axis of length 1 is allowed, as
+        when reading), their shapes agree, their affines agree within the tolerance the reader uses, and the
+        label's dtype is one the reader accepts (bool, integers, real floats). Label *values* are only seen when
+        the voxels are decoded: non-integer floats, NaN or unmapped values are still reported by ``load`` /
+        ``load_label`` / ``slice_index``, and so is voxel data truncated behind an intact header.
+
+        The error reads ``"<root>: N problem(s) in M scan(s): <file>: <problem>; <file>: <problem>; ..."``.
+
+        A pass is remembered on this object and recorded next to the slice-index cache (``cache_dir``, default
+        :func:`default_cache_dir`) under the same key and file fingerprint, so later calls (also from new objects)
+        only ``stat`` the files until one of them changes (size or mtime). Failures are never cached. An
+        unwritable cache folder only produces a warning.
+        """
+        try:
+            fp: Optional[List[List[Any]]] = self._fingerprint()
+        except DataError:
+            fp = None  # a file vanished or is a dangling link: the checks below name it; nothing is cached
+        if fp is not None and self._integrity_fp == fp:
+            return
+        key = self._cache_key()
+        cpath = self._cache_path(cache_dir, key, ".integrity")
+        if fp is not None and self._read_integrity_cache(cpath, key, fp):
+            self._integrity_fp = fp
+            return
+        self.integrity_checks += 1
+        problems: List[Tuple[str, str]] = []
+        for sid in self._ids:
+            problems.extend((sid, msg) for msg in self._scan_problems(*self._files[sid]))
+        if problems:
+            raise integrity_error(str(self.root), problems)
+        if fp is None:
+            return
+        payload = {"format": INDEX_FORMAT_VERSION, "check": _INTEGRITY_VERSION, "key": key,
+                   "settings": self._cache_settings(), "fingerprint": fp, "passed": True}
+        try:
+            _atomic_write_text(cpath, json.dumps(payload))
+        except OSError as e:
+            warnings.warn(f"could not write integrity-check cache {cpath}: {e}", RuntimeWarning, stacklevel=2)
+        self._integrity_fp = fp
+
     # -- internals ----------------------------------------------------------------------------------------------
     def _read(self, scan_id: str) -> Volume:
         ipath, lpath = self._files[scan_id]
         return self._read_files(scan_id, ipath, lpath)
+
+    @staticmethod
+    def _scan_problems(ipath: Path, lpath: Optional[Path]) -> List[str]:
+        """The ``"<file>: <problem>"`` messages of one scan, from its headers only (see :meth:`check_integrity`);
+        the same helpers and wording as the read path (``_open``, ``_shape3``, ``_grid_mismatch``)."""
+        problems: List[str] = []
+        heads: List[Optional[Tuple[Tuple[int, int, int], np.ndarray]]] = []
+        for path, is_label in ((ipath, False), (lpath, True)):
+            heads.append(None)
+            if path is None:  # an image without a label (read_volume)
+                continue
+            try:
+                img = _open(path)  # a header nibabel cannot parse fails here, before affine and dtype are used
+            except DataError as e:
+                problems.append(str(e))
+                continue
+            try:
+                heads[-1] = (_shape3(img, path), np.asarray(img.affine, dtype=np.float64))
+            except DataError as e:
+                problems.append(str(e))
+            if is_label:
+                try:
+                    _check_label_dtype(img.get_data_dtype(), path)
+                except DataError as e:
+                    problems.append(str(e))
+        if lpath is not None and heads[0] is not None and heads[1] is not None:
+            why = _grid_mismatch(ipath, heads[0][0], heads[0][1], lpath, heads[1][0], heads[1][1])
+            if why is not None:
+                problems.append(f"{lpath}: {why}")
+        return problems
 
     def _read_files(self, scan_id: str, ipath: Path, lpath: Optional[Path]) -> Volume:
         """Read one image (and its label unless ``lpath`` is None) into a normalised ``Volume``."""
@@ -391,17 +520,9 @@ class NiftiDataset(VolumeDataset):
             return self._volume(scan_id, img, ipath, shape, aff, None, None)
         lab = _open(lpath)
         lshape = _shape3(lab, lpath)
-        if shape != lshape:
-            raise DataError(
-                f"scan {scan_id!r}: shape mismatch, image {ipath} has shape {shape} but label {lpath} has "
-                f"shape {lshape}"
-            )
-        laff = np.asarray(lab.affine, dtype=np.float64)
-        if not np.allclose(aff, laff, atol=_AFFINE_TOL, rtol=0):
-            raise DataError(
-                f"scan {scan_id!r}: affine mismatch, label {lpath} is not on the grid of image {ipath} "
-                f"(max abs difference {float(np.abs(aff - laff).max()):.4g})"
-            )
+        why = _grid_mismatch(ipath, shape, aff, lpath, lshape, np.asarray(lab.affine, dtype=np.float64))
+        if why is not None:
+            raise DataError(f"scan {scan_id!r}: {why}")
         return self._volume(scan_id, img, ipath, shape, aff, self._label_from(lab, lpath, shape), lpath)
 
     def _volume(self, scan_id: str, img: Any, ipath: Path, shape: Tuple[int, int, int], aff: np.ndarray,
@@ -458,7 +579,8 @@ class NiftiDataset(VolumeDataset):
         fp = []
         for i in self._ids:
             for p in self._files[i]:
-                fp.append(_stat(p, self.root))
+                if p is not None:  # _FileSet: an image without a label
+                    fp.append(_stat(p, self.root))
         for p in self._extra_files():
             if p.exists():
                 fp.append(_stat(p, self.root))
@@ -477,6 +599,25 @@ class NiftiDataset(VolumeDataset):
 
     def _cache_key(self) -> str:
         return hashlib.sha256(json.dumps(self._cache_settings(), sort_keys=True).encode()).hexdigest()
+
+    def _cache_path(self, cache_dir: Optional[PathLike], key: str, suffix: str) -> Path:
+        """``<cache_dir>/<name>-<key[:16]><suffix>`` (``.json``: the SliceIndex, ``.integrity``: a passed check)."""
+        cdir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name) or "dataset"
+        return cdir / f"{safe}-{key[:16]}{suffix}"
+
+    @staticmethod
+    def _read_integrity_cache(cpath: Path, key: str, fp: List[List[Any]]) -> bool:
+        """Whether ``cpath`` records a passed check of these files (same key, check version and fingerprint)."""
+        if not cpath.is_file():
+            return False
+        try:
+            payload = json.loads(cpath.read_text())
+            return (payload.get("format") == INDEX_FORMAT_VERSION and payload.get("check") == _INTEGRITY_VERSION
+                    and payload.get("key") == key and payload.get("fingerprint") == fp
+                    and payload.get("passed") is True)
+        except (OSError, ValueError, AttributeError):
+            return False  # unreadable or stale record: check again
 
     @staticmethod
     def _read_index_cache(cpath: Path, key: str, fp: List[List[Any]]) -> Optional[SliceIndex]:
@@ -512,7 +653,7 @@ class AlpnetDataset(NiftiDataset):
             if p.name.startswith("."):
                 continue
             m = _ALPNET_RE.fullmatch(p.name)
-            if m is None or not p.is_file():
+            if m is None or not _file_entry(p):  # a dangling link stays: check_integrity / load report it
                 continue
             kind, sid = m.group(1), m.group(2)
             if sid in found[kind]:
@@ -589,14 +730,14 @@ class MSDDataset(NiftiDataset):
         candidates += [imdir / f"{sid}{ext}" for ext in (".nii.gz", ".nii")]
         candidates += [imdir / f"{sid}_0000{ext}" for ext in (".nii.gz", ".nii")]
         for c in candidates:
-            if c is not None and c.is_file():
+            if c is not None and _file_entry(c):
                 return c
         return None
 
     def _check_single_channel(self, sid: str) -> None:
         for ext in (".nii.gz", ".nii"):
             second = self.root / "imagesTr" / f"{sid}_0001{ext}"
-            if second.exists():
+            if os.path.lexists(second):
                 raise DataError(
                     f"{self.root}: case {sid!r} has several channels ({second.name} ...); fewshot_proto reads "
                     f"single-channel 3-D volumes only"
@@ -618,7 +759,7 @@ class MSDDataset(NiftiDataset):
                 if m is None:
                     raise DataError(f"{djson}: training entry {k}: label {entry['label']} is not a .nii/.nii.gz file")
                 sid = m.group(1)
-                if not lpath.is_file():
+                if not _file_entry(lpath):  # a dangling link stays: check_integrity / load report it
                     raise DataError(
                         f"scan {sid!r}: label file {entry['label']} listed in {djson} does not exist")
                 listed = Path(os.path.normpath(self.root / str(entry["image"])))
