@@ -221,8 +221,8 @@ class Bench:
         stem = STEM if args.data is None else f"{STEM}_{Path(args.data).resolve().name}"
         self.paths = {ext: self.out / f"{stem}.{ext}" for ext in ("json", "md", "csv", "png")}
         self.sup_kwargs = QUICK_SUPERVISED_KWARGS if self.quick else SUPERVISED_KWARGS
-        base = default_config(builtin=args.data is None)
-        self.library_train = base.train  # what `train` does by default on this data (apply_overrides copies)
+        base = default_config()
+        self.library_train = base.train  # what `train` does by default (apply_overrides copies)
         self.base = apply_overrides(base, {
             "data.size": self.size, "protocol.name": "alpnet", "protocol.setting": 2, "protocol.test_classes": [2, 3],
             "protocol.fold": 0, "protocol.shots": 1, "episodes.shots": 1, "train.iters": self.iters,
@@ -323,7 +323,8 @@ class Bench:
         from fewshot_proto.engine import train
 
         t0 = time.perf_counter()
-        res = train(cfg, progress=False, dataset=dataset if dataset is not None else self.dataset)
+        res = train(cfg, progress=False, dataset=dataset if dataset is not None else self.dataset,
+                    overwrite=True)  # a re-run replaces the row and its run folder
         return res, time.perf_counter() - t0
 
     def evaluate(self, model, shots: int, run_dir: Path, meta: Dict[str, Any]):

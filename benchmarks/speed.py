@@ -118,7 +118,7 @@ def bench_config(args: argparse.Namespace, precision: str, out: Path):
     """The built-in default config (model, loss, episodes) at ``--size``, 1-shot, Setting 2, test {2, 3}, fold 0."""
     from fewshot_proto.config import apply_overrides, default_config
 
-    return apply_overrides(default_config(builtin=True), {
+    return apply_overrides(default_config(), {
         "data.size": args.size, "episodes.shots": 1, "protocol.shots": 1, "protocol.name": "alpnet",
         "protocol.setting": 2, "protocol.test_classes": [2, 3], "protocol.fold": 0,
         "train.iters": args.warmup + args.steps, "train.precision": precision, "train.threads": args.threads,
@@ -155,7 +155,7 @@ def phase_train(args: argparse.Namespace, precision: str, workdir: Path) -> Dict
     out = workdir / f"train_{precision}"
     cfg = bench_config(args, precision, out)
     dataset = open_dataset()
-    res = train(cfg, progress=False, dataset=dataset)
+    res = train(cfg, progress=False, dataset=dataset, overwrite=True)
     with open(out / "train_log.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if int(r["step"]) > args.warmup]
     if len(rows) != args.steps:

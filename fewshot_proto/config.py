@@ -1,26 +1,34 @@
-"""YAML <-> dataclasses. No logic in YAML: every key maps 1:1 onto a builder argument.
+"""YAML <-> dataclasses: one built-in default, partial experiment files layered over it, validated at load time.
 
 An experiment file has up to six sections, each a dataclass below::
 
-    data:       {root: null, layout: auto, size: 256, ...}        -> DataConfig
+    data:       {root: ../data/chaos_t2, size: 256, ...}           -> DataConfig
     model:      {name: cwpa_unet, kwargs: {tau: 0.5, ...}}          -> ModelConfig -> build_model(name, **kwargs)
     episodes:   {shots: 1, mode: mixed, ...}                        -> EpisodeConfig (few-shot training sampler)
     protocol:   {name: alpnet, setting: 2, test_classes: [2, 3]}   -> ProtocolConfig (evaluation)
-    train:      {iters: 1000, lr: 1e-3, ...}                        -> TrainConfig
+    train:      {iters: 1000, lr: 5e-4, ...}                        -> TrainConfig
     supervised: {n_labelled: null, batch_size: 8, ...}             -> SupervisedConfig (supervised baselines)
 
-A missing section takes its dataclass defaults.
+**One source of defaults.** The dataclass defaults ARE the built-in default run (``default_config()``): a file
+states only what differs from them, and every key it leaves out keeps the default (an empty file is the default
+run). Layers apply in order (the default or a checkpoint's config, then a file, then command-line flags, then
+``--set key=value`` overrides): :func:`build_config`. A relative ``data.root`` in a file is resolved against the
+file's folder.
 
-Unknown keys raise ``ConfigError`` naming the file, the section and the valid keys. Files are read with
-``yaml.safe_load``. This module is core: no torch.
+**Validated when built.** Unknown keys, wrong types and out-of-range values raise ``ConfigError`` naming the
+layer that set the value (the file, "command line", ...), the dotted key and the allowed range
+(:func:`validate_config`). Files are read with ``yaml.safe_load``. This module is core: no torch.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fewshot_proto.errors import ConfigError
 
@@ -38,6 +46,13 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "apply_overrides",
+    "build_config",
+    "read_config_file",
+    "parse_set",
+    "dotted_to_nested",
+    "validate_config",
+    "config_differences",
+    "default_config",
     "PRECISIONS",
 ]
 
@@ -121,37 +136,47 @@ class ProtocolConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation, checkpoints and hardware for a training run."""
+    """Optimisation, checkpoints and hardware for a training run.
+
+    The defaults are the library's one built-in recipe (``python -m fewshot_proto.train --shots 1``): AdamW with
+    a cosine schedule after a 50-episode warm-up, CE + soft Dice + alignment + cyclic losses, 1000 episodes or a
+    540 s wall-time cap, ``precision="auto"`` (bf16 where the CPU or GPU computes it natively, else fp32). The
+    README's "Current results" gives the measurements behind them.
+
+    max_seconds: wall-time budget; the run stops early (and checkpoints) once exceeded; ``None``: no cap.
+    lambda_dice: weight of a soft Dice term of the query's foreground added to the CE (episodic only; not in
+        DESIGN.md's loss: it stops the model over-segmenting small held-out organs).
+    out: the run folder; ``None``: a new numbered folder ``runs/<dataset>/version_<N>`` for every run.
+    num_workers / prefetch: episodes are sampled in ``num_workers`` DataLoader worker processes (``prefetch``
+        episodes each ahead), or in a background thread with ``num_workers`` 0 (``prefetch`` > 0), or in the
+        loop itself (both 0).
+    """
 
     iters: int = 1000
-    max_seconds: Optional[float] = None  # wall-time budget: stop early (and checkpoint) once exceeded
-    optimizer: str = "sgd"  # sgd | adam | adamw
-    lr: float = 1e-3
+    max_seconds: Optional[float] = 540.0
+    optimizer: str = "adamw"  # sgd | adam | adamw
+    lr: float = 5e-4
     momentum: float = 0.9
-    weight_decay: float = 5e-4
-    scheduler: str = "step"  # step | cosine | none
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine"  # step | cosine | none
     lr_step: int = 1000
     lr_gamma: float = 0.95
-    warmup_iters: int = 0
+    warmup_iters: int = 50
     lambda_align: float = 1.0
     lambda_cyc: float = 0.5
-    lambda_dice: float = 0.0  # soft Dice of the query's foreground, added to the CE (episodic only)
+    lambda_dice: float = 1.0
     ce_weights: Optional[List[float]] = field(default_factory=lambda: [0.1, 1.0])
     grad_clip: Optional[float] = None
     seed: int = 0
-    ckpt_every: int = 200
+    ckpt_every: int = 250
     log_every: int = 10
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA) | auto (bf16 where native, else fp32)
+    precision: str = "auto"  # fp32 | bf16 | fp16 (CUDA) | auto (bf16 where native, else fp32)
     channels_last: bool = True
-    device: str = "auto"  # auto | cpu | cuda
-    # Episodes are sampled in num_workers DataLoader worker processes (prefetch episodes each ahead), or in a
-    # background thread with num_workers 0 (prefetch > 0), or in the loop itself (both 0). One worker process is
-    # the default: on a 2-core CPU the thread costs more than it hides (it competes with torch's threads and for the
-    # GIL): the real loop took 0.41 s per 256-px bf16 step with a worker, 0.50 s with the thread (2 threads).
+    device: str = "auto"  # auto | cpu | cuda[:N]
     num_workers: int = 1
     prefetch: int = 2
     threads: Optional[int] = None
-    out: str = "runs/default"
+    out: Optional[str] = None
 
 
 @dataclass
@@ -254,88 +279,301 @@ def _build(cls: type, d: Mapping[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-def config_from_dict(d: Mapping[str, Any] | None, where: str = "config") -> ExperimentConfig:
-    """Build an ``ExperimentConfig`` from a plain mapping, rejecting unknown keys."""
-    cfg = _build(ExperimentConfig, d or {}, where)
+def _merge(base: Dict[str, Any], layer: Mapping[str, Any]) -> Dict[str, Any]:
+    """``base`` with ``layer``'s sections merged in key by key (a key's value is replaced whole)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for section, values in layer.items():
+        if isinstance(values, Mapping) and isinstance(out.get(section), dict):
+            out[section].update(values)
+        else:
+            out[section] = values
+    return out
+
+
+def _check_keys(layer: Mapping[str, Any], where: str) -> None:
+    """Reject unknown sections and keys of one layer, naming ``where``."""
+    if not isinstance(layer, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of sections, got {type(layer).__name__}")
+    sections = {f.name: f.type for f in dataclasses.fields(ExperimentConfig)}
+    hints = typing.get_type_hints(ExperimentConfig)
+    unknown = sorted(set(layer) - set(sections))
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {unknown}; valid sections: {sorted(sections)}")
+    for name, values in layer.items():
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{where}: section {name!r} must be a mapping, got {type(values).__name__}")
+        valid = {f.name for f in dataclasses.fields(hints[name])}
+        bad = sorted(set(values) - valid)
+        if bad:
+            raise ConfigError(f"{where}: unknown key(s) {[f'{name}.{k}' for k in bad]}; valid keys of {name!r}: "
+                              f"{sorted(valid)}")
+
+
+def build_config(layers: Sequence[Tuple[str, Mapping[str, Any]]], base: Optional[Mapping[str, Any]] = None,
+                 base_where: str = "base config") -> ExperimentConfig:
+    """Layer partial configs over ``base`` (default: the built-in default) and validate the result.
+
+    ``layers``: ``(where, {section: {key: value}})`` pairs, later layers win. ``where`` names the layer in
+    errors ("configs/x.yaml", "command line", ...). A value that fails validation is reported with the last layer
+    that set it (or "built-in default" / ``base_where``). Inside a section ``None`` is an explicit null.
+    """
+    merged: Dict[str, Any] = config_to_dict(ExperimentConfig()) if base is None else _merge({}, base)
+    sources: Dict[str, str] = {}
+    for where, layer in layers:
+        layer = layer or {}
+        _check_keys(layer, where)
+        merged = _merge(merged, {k: v for k, v in layer.items() if v is not None})
+        for section, values in layer.items():
+            for key in (values or {}):
+                sources[f"{section}.{key}"] = where
+    base_name = "built-in default" if base is None else base_where
+    cfg = _build(ExperimentConfig, merged, "config")
     if cfg.data.label_map is not None:
         cfg.data.label_map = {int(k): int(v) for k, v in cfg.data.label_map.items()}
+    validate_config(cfg, sources=sources, default_where=base_name)
     return cfg
+
+
+def config_from_dict(d: Mapping[str, Any] | None, where: str = "config") -> ExperimentConfig:
+    """An ``ExperimentConfig`` from a (partial) mapping layered over the built-in default, validated."""
+    return build_config([(where, d or {})])
 
 
 def config_to_dict(cfg: Any) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Read an experiment YAML file (``yaml.safe_load``); errors name the file."""
+def read_config_file(path: str | Path) -> Dict[str, Any]:
+    """The partial config a YAML file states (``yaml.safe_load``; an empty file is ``{}``), keys checked, with a
+    relative ``data.root`` resolved against the file's folder. Errors name the file."""
     import yaml
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
+        raise ConfigError(f"config file {p} does not exist" + (" (it is a folder)" if p.is_dir() else ""))
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-    return config_from_dict(raw, where=str(p))
+        raise ConfigError(f"config file {p} is not valid YAML: {' '.join(str(e).split())}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} cannot be read: {e}") from None
+    raw = {} if raw is None else raw
+    _check_keys(raw, str(p))
+    data = raw.get("data")
+    if isinstance(data, Mapping) and isinstance(data.get("root"), str) and not Path(data["root"]).is_absolute():
+        raw = _merge({}, raw)
+        raw["data"]["root"] = os.path.normpath(str(p.resolve().parent / data["root"]))
+    return raw
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """An experiment file layered over the built-in default (:func:`read_config_file`, :func:`build_config`)."""
+    return build_config([(str(path), read_config_file(path))])
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    """Write the full resolved config (every key) as YAML."""
     import yaml
 
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def apply_overrides(cfg: ExperimentConfig, overrides: Mapping[str, Any]) -> ExperimentConfig:
-    """Set dotted keys (``{"train.iters": 50, "protocol.test_classes": [1, 4]}``); ``None`` values are skipped."""
-    d = config_to_dict(cfg)
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        parts = key.split(".")
-        node = d
-        for p in parts[:-1]:
-            if p not in node or not isinstance(node[p], dict):
-                raise ConfigError(f"override {key!r}: unknown section {p!r}")
-            node = node[p]
-        if parts[-1] not in node and not (len(parts) > 2 and parts[-2] == "kwargs"):
-            raise ConfigError(f"override {key!r}: unknown key {parts[-1]!r}; valid: {sorted(node)}")
-        node[parts[-1]] = value
-    return config_from_dict(d, where="overrides")
+def dotted_to_nested(overrides: Mapping[str, Any], where: str = "overrides",
+                     keep_none: bool = False) -> Dict[str, Dict[str, Any]]:
+    """``{"train.lr": 1e-3, "model.kwargs.tau": 0.3}`` -> ``{"train": {"lr": 1e-3}, "model": {"kwargs": {...}}}``.
 
-
-def default_config(builtin: bool = True) -> ExperimentConfig:
-    """The configuration ``python -m fewshot_proto.train`` starts from.
-
-    ``builtin=True`` (no ``--data``): the built-in phantoms at 256x256 (the field's input size; the 128-px
-    phantoms are resampled) with a budget that trains and evaluates within 10 minutes on a 2-core CPU
-    (``configs/experiments/phantom_default.yaml`` is this config as YAML): 1000 episodes in ``precision="auto"``
-    (bf16 where the CPU or GPU computes it natively, else fp32; 0.40-0.71 s per episode in bf16 here, by the
-    hour), and a 540 s wall-time cap as a safety net for slower machines (the run then stops early, checkpoints
-    and evaluates what it has). Why 256: at 128x128 a kidney of the version-2 phantoms was about one cell of the
-    1/16 feature grid, and the same model scored 21.8% on the held-out kidneys there, against 33-44% at 256x256
-    without the Dice term (README, "Current results").
-    ``lambda_dice=1``: a soft Dice term on the query's foreground joins the CE (not in DESIGN.md's loss). The CE's
-    background weight of 0.1 lets a 9% foreground probability paint a pixel, and the model over-segmented the small
-    held-out kidneys (precision 16-40%); over three seeds the Dice term raised the held-out mean from 35.1% to 44.1%
-    (phantoms version 2).
-    ``builtin=False``: real data at 256x256, the field's alpnet protocol, Setting 2, test classes {2, 3}.
+    ``None`` values are skipped (a flag that was not given) unless ``keep_none`` (an explicit null). Any key must
+    be ``section.key`` or ``model.kwargs.<name>``.
     """
-    cfg = ExperimentConfig()
-    if builtin:
-        cfg.data.size = 256
-        cfg.train.iters = 1000
-        cfg.train.max_seconds = 540.0
-        cfg.train.precision = "auto"
-        cfg.train.optimizer = "adamw"
-        cfg.train.lr = 5e-4
-        cfg.train.weight_decay = 1e-4
-        cfg.train.scheduler = "cosine"
-        cfg.train.warmup_iters = 50
-        cfg.train.lambda_dice = 1.0
-        cfg.train.ckpt_every = 250
-        cfg.train.out = "runs/phantom"
-    else:
-        cfg.data.size = 256
-        cfg.train.out = "runs/experiment"
-    return cfg
+    nested: Dict[str, Dict[str, Any]] = {}
+    for key, value in overrides.items():
+        if value is None and not keep_none:
+            continue
+        parts = str(key).split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"{where}: {key!r} is not a dotted key such as train.lr or data.size")
+        if len(parts) > 2 and parts[:2] != ["model", "kwargs"]:
+            raise ConfigError(f"{where}: {key!r}: only model.kwargs.<name> may have more than two parts")
+        if len(parts) > 3:
+            raise ConfigError(f"{where}: {key!r}: model.kwargs.<name> takes one name")
+        section = nested.setdefault(parts[0], {})
+        if len(parts) == 3:
+            section.setdefault("kwargs", {})[parts[2]] = value
+        else:
+            section[parts[1]] = value
+    return nested
+
+
+def parse_set(items: Sequence[str], where: str = "--set") -> Dict[str, Any]:
+    """``["train.lr=1e-3", "data.size=128"]`` -> ``{"train.lr": 0.001, "data.size": 128}`` (values read as YAML;
+    ``key=null`` or ``key=`` gives ``None``, an explicit null: layer the result with ``dotted_to_nested(...,
+    keep_none=True)`` and :func:`build_config`)."""
+    import yaml
+
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{where} {item!r}: expected KEY=VALUE, e.g. train.lr=1e-3")
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"{where} {item!r}: the value is not valid YAML") from None
+    return out
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: Mapping[str, Any],
+                    where: str = "overrides") -> ExperimentConfig:
+    """A new config: ``cfg`` with dotted keys set (``{"train.iters": 50, "protocol.test_classes": [1, 4]}``),
+    validated. ``None`` values are skipped (an argument that was not given). ``cfg`` is never mutated."""
+    nested = dotted_to_nested(overrides, where)
+    base = config_to_dict(cfg)
+    kwargs = nested.get("model", {}).get("kwargs")
+    if kwargs is not None:
+        nested["model"]["kwargs"] = {**base["model"]["kwargs"], **kwargs}
+    return build_config([(where, nested)], base=base)
+
+
+def default_config() -> ExperimentConfig:
+    """The configuration ``python -m fewshot_proto.train`` starts from: the dataclass defaults, i.e. the built-in
+    phantoms at 256x256, alpnet protocol fold 0, Setting 2, test classes {2, 3}, 1-shot, and the training recipe of
+    :class:`TrainConfig`. ``--data DIR`` swaps only ``data.root``; an experiment file states what else differs."""
+    return ExperimentConfig()
+
+
+# ------------------------------------------------------------------------------------------------ validation
+#: the choices of string-valued keys
+CHOICES: Dict[str, Tuple[str, ...]] = {
+    "data.layout": ("auto", "alpnet", "msd"),
+    "data.normalise": ("zscore", "ct", "none"),
+    "episodes.mode": ("labelled", "superpixel", "mixed"),
+    "protocol.name": ("alpnet", "adnet-ep1", "full-volume"),
+    "train.optimizer": ("sgd", "adam", "adamw"),
+    "train.scheduler": ("step", "cosine", "none"),
+    "train.precision": PRECISIONS,
+}
+#: the largest ``data.size`` accepted (a 2048x2048 slice already needs gigabytes of activations)
+MAX_SIZE = 2048
+
+
+def validate_config(cfg: ExperimentConfig, *, sources: Optional[Mapping[str, str]] = None,
+                    default_where: str = "built-in default") -> None:
+    """Range-check every value; raise ``ConfigError`` "<where>: <key> = <value>: <allowed range>".
+
+    ``sources`` maps a dotted key to the layer that set it (for the message); keys not in it are named with
+    ``default_where``. Checks that need the data (class ids present) or the model (input multiple) run where
+    those are known (``engine.trainer.check_run``).
+    """
+    sources = sources or {}
+
+    def fail(key: str, value: Any, rule: str) -> None:
+        raise ConfigError(f"{sources.get(key, default_where)}: {key} = {value!r}: {rule}")
+
+    def finite(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    def positive_int(key: str, value: Any, minimum: int = 1) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            fail(key, value, f"must be an integer >= {minimum}")
+
+    def number(key: str, value: Any, *, low: float = 0.0, strict: bool = False, high: Optional[float] = None,
+               optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        ok = finite(value) and (value > low if strict else value >= low) and (high is None or value <= high)
+        if not ok:
+            rng = f"{'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            fail(key, value, f"must be a finite number {rng}" + (" or null" if optional else ""))
+
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if str(value).lower() not in choices:
+            fail(key, value, f"must be one of {', '.join(choices)}")
+
+    d, e, p, t, s = cfg.data, cfg.episodes, cfg.protocol, cfg.train, cfg.supervised
+    if d.slice_axis not in (0, 1, 2):
+        fail("data.slice_axis", d.slice_axis, "must be 0, 1 or 2")
+    if not isinstance(d.size, int) or not 16 <= d.size <= MAX_SIZE:
+        fail("data.size", d.size, f"must be an integer from 16 to {MAX_SIZE} (a multiple of the model's input "
+                                  f"multiple, 16 for the ResNet-34 models)")
+    if d.ct_window is not None and (len(d.ct_window) != 2 or not all(finite(v) for v in d.ct_window)
+                                    or d.ct_window[0] >= d.ct_window[1]):
+        fail("data.ct_window", d.ct_window, "must be [low, high] with low < high, or null")
+    positive_int("data.cache_volumes", d.cache_volumes, 0)
+    if d.label_map is not None and any(k < 0 or v < 0 for k, v in d.label_map.items()):
+        fail("data.label_map", d.label_map, "raw values and class ids must be >= 0")
+    if d.root is not None and not str(d.root).strip():
+        fail("data.root", d.root, "must be a folder path or null (the built-in phantoms)")
+
+    if not isinstance(cfg.model.name, str) or not cfg.model.name:
+        fail("model.name", cfg.model.name, "must be a registered model name (fewshot_proto.list_models())")
+
+    positive_int("episodes.shots", e.shots)
+    positive_int("episodes.n_query", e.n_query)
+    number("episodes.superpixel_prob", e.superpixel_prob, high=1.0)
+    number("episodes.superpixel_scale", e.superpixel_scale, strict=True)
+    positive_int("episodes.min_fg_pixels", e.min_fg_pixels, 0)
+
+    if p.setting not in (1, 2):
+        fail("protocol.setting", p.setting, "must be 1 or 2")
+    tc = list(p.test_classes)
+    if not tc or any(c < 1 for c in tc) or len(set(tc)) != len(tc):
+        fail("protocol.test_classes", tc, "must be distinct class ids >= 1 (0 is background)")
+    positive_int("protocol.n_folds", p.n_folds, 2)
+    if not isinstance(p.fold, int) or not 0 <= p.fold < p.n_folds:
+        fail("protocol.fold", p.fold, f"must be an integer from 0 to {p.n_folds - 1} (protocol.n_folds - 1)")
+    positive_int("protocol.n_part", p.n_part)
+    positive_int("protocol.shots", p.shots)
+
+    positive_int("train.iters", t.iters, 0)
+    number("train.max_seconds", t.max_seconds, strict=True, optional=True)
+    number("train.lr", t.lr, strict=True)
+    number("train.momentum", t.momentum, high=1.0)
+    number("train.weight_decay", t.weight_decay)
+    positive_int("train.lr_step", t.lr_step)
+    number("train.lr_gamma", t.lr_gamma, strict=True, high=1.0)
+    positive_int("train.warmup_iters", t.warmup_iters, 0)
+    for name in ("lambda_align", "lambda_cyc", "lambda_dice"):
+        number(f"train.{name}", getattr(t, name))
+    if t.ce_weights is not None and (len(t.ce_weights) != 2 or not all(finite(w) and w >= 0 for w in t.ce_weights)
+                                     or not any(w > 0 for w in t.ce_weights)):
+        fail("train.ce_weights", t.ce_weights, "must be [background, foreground] weights >= 0 (not both 0), or null")
+    number("train.grad_clip", t.grad_clip, strict=True, optional=True)
+    positive_int("train.seed", t.seed, 0)
+    positive_int("train.ckpt_every", t.ckpt_every, 0)
+    positive_int("train.log_every", t.log_every)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(t.device)):
+        fail("train.device", t.device, "must be auto, cpu or cuda[:N]")
+    positive_int("train.num_workers", t.num_workers, 0)
+    positive_int("train.prefetch", t.prefetch, 0)
+    if t.threads is not None:
+        positive_int("train.threads", t.threads)
+    if t.out is not None and not str(t.out).strip():
+        fail("train.out", t.out, "must be a folder path or null (a new numbered folder per run)")
+
+    if s.n_labelled is not None:
+        positive_int("supervised.n_labelled", s.n_labelled)
+    positive_int("supervised.selection_seed", s.selection_seed, 0)
+    positive_int("supervised.batch_size", s.batch_size)
+    number("supervised.fg_fraction", s.fg_fraction, high=1.0)
+    number("supervised.dice_weight", s.dice_weight)
+    number("supervised.ce_weight", s.ce_weight)
+    number("supervised.pos_weight", s.pos_weight, strict=True, optional=True)
+
+
+def config_differences(a: Mapping[str, Any], b: Mapping[str, Any], *, ignore: Sequence[str] = ()) -> List[str]:
+    """``["train.lr: 0.0005 -> 0.001", ...]`` for every dotted key whose value differs between two config dicts
+    (keys missing on one side are skipped: configs written by older versions lack newer keys)."""
+    out = []
+    for section in sorted(set(a) & set(b)):
+        sa, sb = a[section] or {}, b[section] or {}
+        for key in sorted(set(sa) & set(sb)):
+            dotted = f"{section}.{key}"
+            if dotted in ignore or section in ignore:
+                continue
+            if sa[key] != sb[key]:
+                out.append(f"{dotted}: {sa[key]!r} -> {sb[key]!r}")
+    return out

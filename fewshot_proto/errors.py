@@ -14,7 +14,7 @@ import sys
 from typing import Callable
 
 __all__ = ["FewShotError", "DataError", "ProtocolError", "CheckpointError", "ConfigError", "RunFolderError",
-           "UnknownNameError", "USER_ERRORS", "one_line", "run_cli"]
+           "DivergedError", "UnknownNameError", "USER_ERRORS", "one_line", "run_cli"]
 
 
 class FewShotError(Exception):
@@ -39,6 +39,10 @@ class ConfigError(FewShotError, ValueError):
 
 class RunFolderError(FewShotError, RuntimeError):
     """A run folder cannot be used: it holds another run, is locked by a live run, or cannot be created."""
+
+
+class DivergedError(FewShotError, FloatingPointError):
+    """Training produced a non-finite loss or non-finite weights (the last finite checkpoint is kept)."""
 
 
 class UnknownNameError(FewShotError, KeyError):

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from fewshot_proto.errors import ConfigError, run_cli
+
 
 def build_parser() -> argparse.ArgumentParser:
     from fewshot_proto.train import add_common_args
@@ -33,55 +35,62 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_folds(text: Optional[str]) -> Optional[List[int]]:
+    """``"0-4"`` -> ``[0, 1, 2, 3, 4]``, ``"0,2"`` -> ``[0, 2]``; anything else is a ``ConfigError``."""
     if not text:
         return None
-    if "-" in text:
-        a, b = text.split("-", 1)
-        return list(range(int(a), int(b) + 1))
-    return [int(t) for t in text.split(",") if t]
+    try:
+        if "-" in text:
+            a, b = text.split("-", 1)
+            folds = list(range(int(a), int(b) + 1))
+        else:
+            folds = [int(t) for t in text.split(",") if t]
+    except ValueError:
+        folds = []
+    if not folds or min(folds) < 0:
+        raise ConfigError(f"command line: --folds {text!r}: expected a range such as 0-4 or a list such as 0,2")
+    return folds
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from fewshot_proto.config import ConfigError, apply_overrides, config_from_dict
-    from fewshot_proto.errors import FewShotError
+    return run_cli(lambda: run(args))
 
-    try:
-        from fewshot_proto.data import dataset_from_config
-        from fewshot_proto.engine import evaluate, model_from_checkpoint
-        from fewshot_proto.engine.evaluator import protocol_specs
-        from fewshot_proto.engine.runtime import configure_threads, resolve_device
-        from fewshot_proto.metrics.report import format_dice_table
 
-        configure_threads()
-        device = resolve_device(args.device or "auto")
-        model, ckpt = model_from_checkpoint(args.checkpoint, map_location=device)
-        model.to(device)
-        cfg = config_from_dict(ckpt.get("config") or {}, where=f"checkpoint {args.checkpoint}")
-        cfg = apply_overrides(cfg, {
-            "data.root": args.data, "data.layout": args.layout, "protocol.name": args.protocol,
-            "protocol.shots": args.shots, "protocol.setting": args.setting,
-            "protocol.test_classes": args.test_classes, "protocol.fold": args.fold,
-            "train.precision": args.precision})
-        if args.data is not None and args.layout is None:
-            cfg.data.layout = "auto"
-        dataset = dataset_from_config(cfg.data)
-        folds = parse_folds(args.folds)
-        specs = protocol_specs(dataset, cfg.protocol, folds=folds, manifest=args.episodes)
-        out = Path(args.out or Path(args.checkpoint).resolve().parent / "eval")
-        p = cfg.protocol
-        meta = {"checkpoint": str(args.checkpoint), "dataset": dataset.name, "protocol": p.name,
-                "setting": p.setting, "folds": folds if folds is not None else [p.fold], "shots": p.shots,
-                "test_classes": list(p.test_classes), "episodes": args.episodes,
-                "model": ckpt["model_name"], "trained_steps": ckpt.get("step")}
-        summary = evaluate(model, dataset, specs, size=cfg.data.size, device=device,
-                           precision=cfg.train.precision, channels_last=cfg.train.channels_last,
-                           batch_size=args.batch_size, out_dir=out, overlays=not args.no_overlays,
-                           progress=not args.no_progress, meta=meta)
-    except (FewShotError, ConfigError, KeyError, FileNotFoundError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    """Evaluate ``args.checkpoint`` (its own data, size and protocol unless overridden) and write the reports."""
+    from fewshot_proto.config import apply_overrides, config_from_dict
+    from fewshot_proto.data import dataset_from_config
+    from fewshot_proto.engine import evaluate, model_from_checkpoint
+    from fewshot_proto.engine.evaluator import protocol_specs
+    from fewshot_proto.engine.runtime import configure_threads, resolve_device
+    from fewshot_proto.metrics.report import format_dice_table
+
+    configure_threads()
+    device = resolve_device(args.device or "auto")
+    model, ckpt = model_from_checkpoint(args.checkpoint, map_location=device)
+    model.to(device)
+    cfg = config_from_dict(ckpt.get("config") or {}, where=f"checkpoint {args.checkpoint}")
+    cfg = apply_overrides(cfg, {
+        "data.root": args.data, "data.layout": args.layout, "protocol.name": args.protocol,
+        "protocol.shots": args.shots, "protocol.setting": args.setting,
+        "protocol.test_classes": args.test_classes, "protocol.fold": args.fold,
+        "train.precision": args.precision}, where="command line")
+    if args.data is not None and args.layout is None:
+        cfg.data.layout = "auto"
+    dataset = dataset_from_config(cfg.data)
+    dataset.check_integrity()
+    folds = parse_folds(args.folds)
+    specs = protocol_specs(dataset, cfg.protocol, folds=folds, manifest=args.episodes)
+    out = Path(args.out or Path(args.checkpoint).resolve().parent / "eval")
+    p = cfg.protocol
+    meta = {"checkpoint": str(args.checkpoint), "dataset": dataset.name, "protocol": p.name,
+            "setting": p.setting, "folds": folds if folds is not None else [p.fold], "shots": p.shots,
+            "test_classes": list(p.test_classes), "episodes": args.episodes,
+            "model": ckpt["model_name"], "trained_steps": ckpt.get("step")}
+    summary = evaluate(model, dataset, specs, size=cfg.data.size, device=device,
+                       precision=cfg.train.precision, channels_last=cfg.train.channels_last,
+                       batch_size=args.batch_size, out_dir=out, overlays=not args.no_overlays,
+                       progress=not args.no_progress, meta=meta)
     print(format_dice_table(summary))
     t = summary["timing"]
     print(f"\n{t['query_slices']} query slices in {t['seconds']:.1f} s "

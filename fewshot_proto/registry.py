@@ -5,7 +5,8 @@
     @MODELS.register("unet")
     def build_unet(**kwargs): ...
 
-    MODELS.get("unet")      # -> the builder; an unknown name raises UnknownNameError (a KeyError) listing every valid name
+    MODELS.get("unet")      # -> the builder; an unknown name raises UnknownNameError (a KeyError)
+                            #    listing every valid name
     MODELS.names()          # sorted names
 """
 from __future__ import annotations
@@ -20,8 +21,8 @@ T = TypeVar("T", bound=Callable[..., Any])
 class Registry:
     """A name -> builder mapping that fails loudly in both directions.
 
-    Registering a name twice raises ``ValueError``; asking for an unknown name raises ``UnknownNameError`` (a ``KeyError``) whose
-    message lists every registered name.
+    Registering a name twice raises ``ValueError``; asking for an unknown name raises ``UnknownNameError`` (a
+    ``KeyError``) whose message lists every registered name.
     """
 
     def __init__(self, kind: str) -> None:

@@ -1,21 +1,27 @@
 """Train a model episodically, then evaluate it on the held-out classes.
 
-    python -m fewshot_proto.train --shots 1                      # built-in phantoms, default budget (< 10 min on 2 CPU cores)
-    python -m fewshot_proto.train --data ../shared/data/chaos_t2 --setting 2 --test-classes 2,3 --fold 0
-    python -m fewshot_proto.train --config configs/experiments/chaos_t2_setting2_1shot.yaml
-    python -m fewshot_proto.train --resume runs/phantom/checkpoint.pt
+    python -m fewshot_proto.train --shots 1          # built-in phantoms, default budget (< 10 min on 2 CPU cores)
+    python -m fewshot_proto.train --config configs/experiments/chaos_t2_setting2_23_1shot.yaml --fold 1
+    python -m fewshot_proto.train --shots 1 --set train.lr=1e-3 data.size=128
+    python -m fewshot_proto.train --resume runs/phantom/version_0/checkpoint.pt --iters 2000
 
-Flags override the config file (or the built-in default when no ``--config`` is given).
+The config is the built-in default, then the --config file (which states only what differs), then the flags, then
+--set KEY=VALUE overrides (any key, dotted). The resolved config is printed at the start and saved with the run.
+Without --out each run gets a new folder runs/<dataset>/version_<N>; an --out that holds a run is refused unless
+--resume or --overwrite. --resume refuses changes other than the run's length, logging and hardware.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-from fewshot_proto.config import PRECISIONS, apply_overrides, default_config, load_config
+from fewshot_proto.config import (PRECISIONS, ExperimentConfig, build_config, config_from_dict, config_to_dict,
+                                  dotted_to_nested, parse_set, read_config_file)
+from fewshot_proto.errors import ConfigError, run_cli
 
 
 def parse_classes(text: Optional[str]) -> Optional[List[int]]:
@@ -45,14 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fewshot_proto.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
-    p.add_argument("--config", help="experiment YAML (configs/experiments/*.yaml)")
+    p.add_argument("--config", help="experiment YAML stating what differs from the built-in default "
+                                    "(configs/experiments/*.yaml)")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override any config key by its dotted path, e.g. --set train.lr=1e-3 data.size=128 "
+                        "(values are read as YAML; null clears a key)")
     p.add_argument("--model", help="registered model name (see fewshot_proto.list_models())")
-    p.add_argument("--iters", type=int, help="training episodes")
+    p.add_argument("--iters", type=int, help="training episodes (lifts the built-in default's 540 s cap unless a "
+                                             "cap is set by the config file, --max-seconds or --set)")
     p.add_argument("--max-seconds", type=float,
                    help="wall-time cap on training, 0 for none (the built-in default run stops at 1000 episodes or "
-                        "540 s; an explicit --iters lifts that cap)")
+                        "540 s)")
     p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("--resume", help="checkpoint to continue from (bit-for-bit)")
+    p.add_argument("--resume", help="checkpoint to continue from, bit for bit, in its own folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (only the files a run writes are removed)")
     p.add_argument("--num-workers", type=int, help="DataLoader workers for episode sampling (0: a thread)")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--protocol", choices=["alpnet", "adnet-ep1", "full-volume"], help="evaluation protocol")
@@ -61,54 +74,81 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace):
-    if args.config:
-        cfg = load_config(args.config)
-    elif args.resume and not args.data:
-        from fewshot_proto.config import config_from_dict
-        from fewshot_proto.engine.checkpoint import load_checkpoint
-
-        cfg = config_from_dict(load_checkpoint(args.resume)["config"], where=f"checkpoint {args.resume}")
-    else:
-        cfg = default_config(builtin=args.data is None)
+def _flag_layer(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
+    """The keys the command-line flags set, as a partial config (flags that were not given are absent)."""
     over = {
         "data.root": args.data, "data.layout": args.layout,
         "episodes.shots": args.shots, "protocol.shots": args.shots,
         "protocol.setting": args.setting, "protocol.test_classes": args.test_classes,
         "protocol.fold": args.fold, "train.device": args.device, "train.precision": args.precision,
-        "train.out": args.out,
+        "train.out": args.out, "model.name": args.model, "train.iters": args.iters, "train.seed": args.seed,
+        "train.num_workers": args.num_workers, "train.threads": args.threads, "protocol.name": args.protocol,
     }
-    for key in ("model", "iters", "seed", "num_workers", "threads", "protocol"):
-        val = getattr(args, key, None)
-        if val is None:
-            continue
-        over[{"model": "model.name", "iters": "train.iters", "seed": "train.seed",
-              "num_workers": "train.num_workers", "threads": "train.threads", "protocol": "protocol.name"}[key]] = val
-    if args.model and args.model != cfg.model.name:
-        cfg.model.kwargs = {}
-    cfg = apply_overrides(cfg, over)
+    layer = dotted_to_nested(over, "command line")
     if args.max_seconds is not None:
-        cfg.train.max_seconds = float(args.max_seconds) if args.max_seconds > 0 else None
-    elif args.iters is not None and not args.config and not args.resume:
-        cfg.train.max_seconds = None  # an explicit episode count: the built-in default's safety cap does not apply
-    return cfg
+        if args.max_seconds < 0:
+            raise ConfigError(f"command line: --max-seconds {args.max_seconds:g}: must be >= 0 (0: no cap)")
+        layer.setdefault("train", {})["max_seconds"] = float(args.max_seconds) if args.max_seconds > 0 else None
+    return layer
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """The run's config: the built-in default (or, with ``--resume``, the checkpoint's config), then the
+    ``--config`` file, the flags and the ``--set`` overrides, validated (:func:`fewshot_proto.config.build_config`).
+
+    Two rules beyond plain layering, both visible in the printed config: ``--model`` naming another model than
+    the layers below drops their ``model.kwargs`` (they belong to that model); ``--iters`` lifts the built-in
+    default's time cap unless a file, ``--max-seconds`` or ``--set`` states one (never on ``--resume``).
+    """
+    layers: List[Tuple[str, Dict[str, Any]]] = []
+    base = None
+    base_where = "built-in default"
+    if args.resume:
+        from fewshot_proto.engine.checkpoint import load_checkpoint
+
+        saved = load_checkpoint(args.resume)["config"]
+        base = config_to_dict(config_from_dict(saved, where=f"checkpoint {args.resume}"))
+        base["train"]["out"] = None  # the run continues in the checkpoint's folder
+        base_where = f"checkpoint {args.resume}"
+    if args.config:
+        layers.append((str(args.config), read_config_file(args.config)))
+    flags = _flag_layer(args)
+    below = [(layer.get("model") or {}).get("name") for _, layer in layers] + [(base or {}).get("model", {}).get(
+        "name"), ExperimentConfig().model.name]
+    if args.model and args.model != next(n for n in below if n):
+        flags.setdefault("model", {})["kwargs"] = {}
+    layers.append(("command line", flags))
+    layers.append(("--set", dotted_to_nested(parse_set(args.overrides), "--set", keep_none=True)))
+    cap_stated = any("max_seconds" in (layer.get("train") or {}) for _, layer in layers)
+    if args.iters is not None and not cap_stated and not args.resume:
+        layers.append(("--iters (lifts the built-in time cap)", {"train": {"max_seconds": None}}))
+    return build_config(layers, base=base, base_where=base_where)
+
+
+def format_config(cfg: ExperimentConfig) -> str:
+    """The resolved config, one line per section."""
+    import yaml
+
+    lines = []
+    for section, values in config_to_dict(cfg).items():
+        text = yaml.safe_dump(values, default_flow_style=True, width=10 ** 6, sort_keys=False).strip()
+        lines.append(f"  {section}: {text}")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from fewshot_proto.errors import FewShotError
-    from fewshot_proto.config import ConfigError
-
     rank, world = 0, 1
-    try:
+
+    def body() -> int:
+        nonlocal rank, world
         cfg = config_from_args(args)
         rank, world = init_distributed(cfg.train.device)
-        return run(cfg, resume=args.resume, evaluate_after=not args.no_eval, progress=not args.no_progress,
-                   rank=rank, world_size=world)
-    except (FewShotError, ConfigError, KeyError, FileNotFoundError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+        return run(cfg, resume=args.resume, overwrite=args.overwrite, evaluate_after=not args.no_eval,
+                   progress=not args.no_progress, rank=rank, world_size=world)
+
+    try:
+        return run_cli(body)
     finally:
         if world > 1:
             import torch.distributed as dist
@@ -140,49 +180,66 @@ def init_distributed(device: str):
     return dist.get_rank(), dist.get_world_size()
 
 
-def run(cfg, *, resume=None, evaluate_after: bool = True, progress: bool = True, rank: int = 0,
-        world_size: int = 1) -> int:
+def run(cfg: ExperimentConfig, *, resume: Optional[str] = None, overwrite: bool = False,
+        evaluate_after: bool = True, progress: bool = True, rank: int = 0, world_size: int = 1) -> int:
+    """Open (and lock) the run folder, print and train ``cfg``, then evaluate the held-out classes (rank 0)."""
     from fewshot_proto.data import dataset_from_config
     from fewshot_proto.engine import evaluate, train
     from fewshot_proto.engine.evaluator import protocol_specs
+    from fewshot_proto.engine.rundir import open_run_folder
     from fewshot_proto.engine.runtime import resolve_device, resolve_precision
+    from fewshot_proto.engine.trainer import _safe_name
     from fewshot_proto.metrics.report import format_dice_table
 
     t0 = time.perf_counter()
     dataset = dataset_from_config(cfg.data)
     p = cfg.protocol
     precision = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device))
+    folder = None
     if rank == 0:
-        print(f"data: {dataset.name} ({len(dataset)} scans) | model: {cfg.model.name} | {p.shots}-shot, "
-              f"Setting {p.setting}, test classes {list(p.test_classes)}, fold {p.fold} | "
-              f"{cfg.train.iters} episodes"
-              + (f" (or {cfg.train.max_seconds:.0f} s)" if cfg.train.max_seconds else "")
-              + f" at {cfg.data.size}x{cfg.data.size} in {precision}"
-              + (" (auto)" if cfg.train.precision == "auto" else "") + f" | out: {cfg.train.out}"
-              + (f" | {world_size} ranks" if world_size > 1 else ""))
-    result = train(cfg, resume=resume, progress=progress, dataset=dataset, rank=rank, world_size=world_size)
-    if rank != 0:
+        if world_size > 1 and cfg.train.out is None and resume is None:
+            raise ConfigError("train.out: a multi-process run needs an explicit --out")
+        folder = open_run_folder(cfg.train.out, default_parent=Path("runs") / _safe_name(dataset.name),
+                                 resume=resume, overwrite=overwrite)
+        cfg = copy.deepcopy(cfg)
+        cfg.train.out = str(folder.path)
+    try:
+        if rank == 0:
+            print(f"data: {dataset.name} ({len(dataset)} scans) | model: {cfg.model.name} | {p.shots}-shot, "
+                  f"Setting {p.setting}, test classes {list(p.test_classes)}, fold {p.fold} | "
+                  f"{cfg.train.iters} episodes"
+                  + (f" (or {cfg.train.max_seconds:.0f} s)" if cfg.train.max_seconds else "")
+                  + f" at {cfg.data.size}x{cfg.data.size} in {precision}"
+                  + (" (auto)" if cfg.train.precision == "auto" else "") + f" | out: {cfg.train.out}"
+                  + (f" | resumed from {resume}" if resume else "")
+                  + (f" | {world_size} ranks" if world_size > 1 else ""))
+            print("config (saved as config.yaml in the run folder):\n" + format_config(cfg), flush=True)
+        result = train(cfg, resume=resume, progress=progress, dataset=dataset, rank=rank, world_size=world_size)
+        if rank != 0:
+            return 0
+        t_train = time.perf_counter() - t0
+        capped = bool(cfg.train.max_seconds) and result.steps < cfg.train.iters
+        print(f"trained {result.steps} episodes in {t_train:.0f} s (median {result.seconds_per_step:.3f} "
+              f"s/episode" + (f"; stopped by the {cfg.train.max_seconds:.0f} s cap" if capped else "")
+              + f"); checkpoint: {result.checkpoint}")
+        if not evaluate_after:
+            return 0
+        specs = protocol_specs(dataset, p)
+        out = Path(cfg.train.out) / "eval"
+        summary = evaluate(result.model, dataset, specs, size=cfg.data.size,
+                           device=resolve_device(cfg.train.device), precision=precision,
+                           channels_last=cfg.train.channels_last, out_dir=out, progress=progress,
+                           meta={"protocol": p.name, "setting": p.setting, "fold": p.fold, "shots": p.shots,
+                                 "test_classes": list(p.test_classes), "checkpoint": str(result.checkpoint),
+                                 "train_seconds": t_train, "iters": result.steps})
+        print(f"\n{p.name} protocol, fold {p.fold}, Setting {p.setting}, {p.shots}-shot "
+              f"(evaluated in {summary['timing']['seconds']:.0f} s):")
+        print(format_dice_table(summary))
+        print(f"\nreports: {out}/metrics.json, metrics.csv, summary.md, overlays/")
         return 0
-    t_train = time.perf_counter() - t0
-    capped = bool(cfg.train.max_seconds) and result.steps < cfg.train.iters
-    print(f"trained {result.steps} episodes in {t_train:.0f} s (median {result.seconds_per_step:.3f} s/episode"
-          + (f"; stopped by the {cfg.train.max_seconds:.0f} s cap" if capped else "")
-          + f"); checkpoint: {result.checkpoint}")
-    if not evaluate_after:
-        return 0
-    specs = protocol_specs(dataset, p)
-    out = Path(cfg.train.out) / "eval"
-    summary = evaluate(result.model, dataset, specs, size=cfg.data.size, device=resolve_device(cfg.train.device),
-                       precision=precision, channels_last=cfg.train.channels_last, out_dir=out,
-                       progress=progress,
-                       meta={"protocol": p.name, "setting": p.setting, "fold": p.fold, "shots": p.shots,
-                             "test_classes": list(p.test_classes), "checkpoint": str(result.checkpoint),
-                             "train_seconds": t_train, "iters": result.steps})
-    print(f"\n{p.name} protocol, fold {p.fold}, Setting {p.setting}, {p.shots}-shot "
-          f"(evaluated in {summary['timing']['seconds']:.0f} s):")
-    print(format_dice_table(summary))
-    print(f"\nreports: {out}/metrics.json, metrics.csv, summary.md, overlays/")
-    return 0
+    finally:
+        if folder is not None:
+            folder.release()
 
 
 if __name__ == "__main__":

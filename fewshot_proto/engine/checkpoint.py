@@ -8,13 +8,16 @@ it)::
      "rng": {"torch": ByteTensor, "numpy": {...}, "python": [...], "cuda": [...]},
      "config": resolved ExperimentConfig as a dict, "metrics": {...}}
 
-Writing goes to ``<path>.tmp`` first, is fsync'ed, then ``os.replace``d over the target, so an interrupted
-write never leaves a truncated checkpoint behind.
+Writing goes to a temporary file beside the target (``<name>.<pid>.<random>.tmp``, unique per writer), is
+fsync'ed, then ``os.replace``d over the target, so an interrupted write never leaves a truncated checkpoint
+behind and a failed write leaves the previous file as it was. A checkpoint with a NaN or infinite tensor is never
+written (``CheckpointError`` naming the tensors): it could only replace good weights with broken ones.
 """
 from __future__ import annotations
 
 import os
 import random
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -26,7 +29,7 @@ from fewshot_proto import __version__
 from fewshot_proto.errors import CheckpointError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "model_from_checkpoint",
-           "CHECKPOINT_FORMAT"]
+           "nonfinite_tensors", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = 1
 _REQUIRED = ("format", "model_name", "model_config", "model")
@@ -72,6 +75,22 @@ def _np_legacy_state() -> Dict[str, Any]:
             "cached_gaussian": float(cached)}
 
 
+def nonfinite_tensors(tree: Any, prefix: str = "") -> list:
+    """Dotted names of the floating-point tensors in ``tree`` (nested dicts/lists of tensors) with a NaN or inf."""
+    bad = []
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() or tree.is_complex():
+            if not bool(torch.isfinite(tree).all()):
+                bad.append(prefix or "tensor")
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            bad += nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            bad += nonfinite_tensors(v, f"{prefix}.{i}" if prefix else str(i))
+    return bad
+
+
 def save_checkpoint(path: str | Path, *, model: torch.nn.Module, model_name: str,
                     model_config: Dict[str, Any], step: int, optimizer: Any = None, scheduler: Any = None,
                     config: Optional[Dict[str, Any]] = None, sampler_state: Optional[Dict[str, Any]] = None,
@@ -96,12 +115,22 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, model_name: str
         payload["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
         payload["scheduler"] = scheduler.state_dict()
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    bad = nonfinite_tensors(payload["model"], "model") + nonfinite_tensors(payload.get("optimizer"), "optimizer")
+    if bad:
+        raise CheckpointError(f"checkpoint {path} not written: {len(bad)} tensor(s) hold NaN or inf "
+                              f"(e.g. {', '.join(bad[:3])})")
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would carry over to the checkpoint
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -17,8 +17,11 @@ Both share everything else here. ``resume=`` continues bit-for-bit:
 * model, optimiser, scheduler and every global RNG state are restored from the checkpoint.
 
 A run never dies without saving: on any exception (KeyboardInterrupt included) the last completed step is
-checkpointed before the exception propagates; a non-finite loss stops the run with a clear error after
-saving the last good weights.
+checkpointed before the exception propagates. A checkpoint is never written with a non-finite tensor: a
+non-finite loss or non-finite weights stop the run with :class:`~fewshot_proto.errors.DivergedError`, keeping the
+last checkpoint whose tensors are all finite. ``resume=`` refuses a config that changes what the checkpoint was
+trained on (:func:`check_resume_config`). The run folder is never silently overwritten and is locked while the
+run is live (:mod:`fewshot_proto.engine.rundir`).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import copy
 import csv
 import json
 import math
+import os
 import queue
 import threading
 import time
@@ -36,12 +40,16 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
-from fewshot_proto.config import ExperimentConfig, config_to_dict, save_config
-from fewshot_proto.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint, set_rng_state
+from fewshot_proto.config import ExperimentConfig, config_differences, config_to_dict, save_config
+from fewshot_proto.engine.checkpoint import (load_checkpoint, load_model_state, nonfinite_tensors, save_checkpoint,
+                                             set_rng_state)
+from fewshot_proto.engine.rundir import open_run_folder
+from fewshot_proto.errors import CheckpointError, ConfigError, DivergedError, FewShotError
 from fewshot_proto.engine.runtime import (autocast, configure_threads, resolve_device, resolve_precision,
                                           to_memory_format)
 
-__all__ = ["train", "TrainResult", "build_training_sampler", "episode_losses", "EpisodeSource", "model_kind"]
+__all__ = ["train", "TrainResult", "build_training_sampler", "episode_losses", "EpisodeSource", "model_kind",
+           "check_resume_config", "check_run", "RESUMABLE_KEYS"]
 
 
 @dataclass
@@ -113,7 +121,10 @@ class EpisodeSource:
 
     def __getitem__(self, step: int):  # map-style dataset protocol for DataLoader workers
         t = time.perf_counter()
-        ep = self.episode(step)
+        try:
+            ep = self.episode(step)
+        except FewShotError as e:  # carried to the main process as it is (a worker would wrap it in a traceback)
+            return _WorkerError(e)
         ep.meta["sample_seconds"] = time.perf_counter() - t
         return ep
 
@@ -121,6 +132,14 @@ class EpisodeSource:
         return 2 ** 31
 
     def stream(self, start: int, stop: int, *, prefetch: int = 2, num_workers: int = 0) -> Iterator[Any]:
+        """Items of steps ``start .. stop-1``; our own errors raised while sampling (``DataError``, ...) reach the
+        caller with their type and message, wherever the sampling ran."""
+        for item in self._stream(start, stop, prefetch=prefetch, num_workers=num_workers):
+            if isinstance(item, _WorkerError):
+                raise item.error
+            yield item
+
+    def _stream(self, start: int, stop: int, *, prefetch: int, num_workers: int) -> Iterator[Any]:
         if num_workers > 0:
             from torch.utils.data import DataLoader
 
@@ -134,6 +153,13 @@ class EpisodeSource:
                 yield self[i]
             return
         yield from _threaded(lambda i: self[i], start, stop, prefetch)
+
+
+class _WorkerError:
+    """One of our errors raised while sampling an item, returned instead of the item (re-raised by ``stream``)."""
+
+    def __init__(self, error: FewShotError) -> None:
+        self.error = error
 
 
 def _identity(x):
@@ -257,15 +283,25 @@ class _Logger:
 
     TIMING = ["lr", "seconds_per_step", "sample_seconds", "elapsed"]
 
-    def __init__(self, out_dir: Path, append: bool, loss_fields: Sequence[str]) -> None:
+    def __init__(self, out_dir: Path, loss_fields: Sequence[str], resume_step: Optional[int] = None) -> None:
+        """A new log, or with ``resume_step`` the existing one cut to the rows of steps <= ``resume_step`` (the
+        checkpoint's step: the rows an interrupted run logged after it are repeated by the resumed run)."""
         self.path = out_dir / "train_log.csv"
         self.loss_fields = list(loss_fields)
         fields = ["step", *self.loss_fields, *self.TIMING]
-        new = not (append and self.path.exists())
-        self.f = open(self.path, "w" if new else "a", newline="")
+        kept_rows: List[Dict[str, str]] = []
+        if resume_step is not None and self.path.exists():
+            with open(self.path, newline="") as f:
+                kept_rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit()
+                             and int(r["step"]) <= resume_step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(kept_rows)
+        os.replace(tmp, self.path)
+        self.f = open(self.path, "a", newline="")
         self.w = csv.DictWriter(self.f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            self.w.writeheader()
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
@@ -324,13 +360,53 @@ def model_kind(name: str) -> str:
     return str(getattr(MODELS.get(name), "kind", "fewshot"))
 
 
+#: config keys a resumed run may change: how long it runs, logging, hardware and where the data now lives
+RESUMABLE_KEYS = ("train.iters", "train.max_seconds", "train.ckpt_every", "train.log_every", "train.num_workers",
+                  "train.prefetch", "train.threads", "train.device", "train.out", "data.root", "data.layout",
+                  "data.cache_volumes")
+
+
+def check_resume_config(cfg: ExperimentConfig, ckpt: Dict[str, Any], path: str | Path) -> None:
+    """Raise ``ConfigError`` listing every difference between ``cfg`` and the checkpoint's config outside
+    :data:`RESUMABLE_KEYS`: a resumed run trains the same model on the same protocol (test classes, setting,
+    fold, shots, size, normalisation, ...) with the same recipe, so the saved config stays what happened."""
+    saved = ckpt.get("config") or {}
+    if not saved:
+        return
+    diffs = config_differences(saved, config_to_dict(cfg), ignore=RESUMABLE_KEYS)
+    if diffs:
+        raise ConfigError(f"--resume {path}: the config changes what the checkpoint was trained on: "
+                          f"{'; '.join(diffs)}; only {', '.join(RESUMABLE_KEYS)} may change on resume")
+
+
+def check_run(cfg: ExperimentConfig, dataset, index, model: torch.nn.Module) -> None:
+    """Checks that need the data or the model, before any work: the protocol's class ids exist in the dataset, and
+    ``data.size`` is a multiple of the model's input multiple."""
+    classes = [int(c) for c in index.classes]
+    missing = [int(c) for c in cfg.protocol.test_classes if int(c) not in classes]
+    if missing:
+        raise ConfigError(f"protocol.test_classes {list(cfg.protocol.test_classes)}: class(es) {missing} do not "
+                          f"occur in dataset {index.dataset!r} (classes present: {classes})")
+    multiple = getattr(model, "input_multiple", None)
+    if multiple is None:
+        multiple = getattr(getattr(model, "encoder", None), "input_multiple", None)
+    if multiple and cfg.data.size % int(multiple):
+        lower = max(int(multiple), cfg.data.size // int(multiple) * int(multiple))
+        raise ConfigError(f"data.size = {cfg.data.size}: model {cfg.model.name!r} needs a multiple of {multiple} "
+                          f"(e.g. {lower} or {lower + int(multiple)})")
+
+
 def train(cfg: ExperimentConfig, *, resume: Optional[str | Path] = None, progress: bool = True,
-          stop_after: Optional[int] = None, dataset=None, rank: int = 0, world_size: int = 1) -> TrainResult:
+          stop_after: Optional[int] = None, dataset=None, rank: int = 0, world_size: int = 1,
+          overwrite: bool = False) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data`` under ``cfg.protocol``'s fold split; the model's ``kind`` picks the loop.
 
     Few-shot models (``kind == "fewshot"``) train on episodes (``cfg.episodes``); supervised baselines
     (``kind == "supervised"``) on batches of labelled slices of the fold's training scans with the protocol's
     test classes as targets (``cfg.supervised``; the model is built with ``classes=test_classes``).
+    ``cfg.train.out``: the run folder (``None``: a new ``runs/<dataset>/version_<N>``); a folder that holds a run
+    is refused unless ``resume`` is a checkpoint in it or ``overwrite`` (:func:`~fewshot_proto.engine.rundir.
+    open_run_folder`). ``resume``: continue bit-for-bit from a checkpoint (:func:`check_resume_config`).
     ``stop_after`` ends the run after that many steps of this call (tests use it to simulate a kill).
     ``dataset`` overrides ``cfg.data`` (an in-memory dataset, for example).
     """
@@ -342,43 +418,68 @@ def train(cfg: ExperimentConfig, *, resume: Optional[str | Path] = None, progres
     configure_threads(t_cfg.threads)
     device = resolve_device(t_cfg.device)
     precision = resolve_precision(t_cfg.precision, device)
-    if precision != t_cfg.precision:  # "auto": train, log and checkpoint the precision actually used
-        cfg = copy.deepcopy(cfg)
-        cfg.train.precision = precision
-        t_cfg = cfg.train
-    out_dir = Path(t_cfg.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    torch.manual_seed(t_cfg.seed)
-    np.random.seed(t_cfg.seed % (2 ** 32))
+    cfg = copy.deepcopy(cfg)
+    cfg.train.precision = precision  # "auto": train, log and checkpoint the precision actually used
+    ckpt = None
+    if resume is not None:
+        ckpt = load_checkpoint(resume, expect_model=cfg.model.name)
+        check_resume_config(cfg, ckpt, resume)
     if dataset is None:
         dataset = dataset_from_config(cfg.data)
-    index = dataset.slice_index()
-    split = fold_split(index, cfg.protocol.fold, cfg.protocol.n_folds, cfg.protocol.shots)
+    check = getattr(dataset, "check_integrity", None)
+    if check is not None:
+        check()
+    if world_size > 1 and cfg.train.out is None and resume is None:
+        raise ConfigError("train.out: a multi-process run needs an explicit run folder (--out); ranks cannot agree "
+                          "on a new numbered one")
+    folder = None
+    if rank == 0:
+        folder = open_run_folder(cfg.train.out, default_parent=Path("runs") / _safe_name(dataset.name),
+                                 resume=resume, overwrite=overwrite)
+    try:
+        out_dir = folder.path if folder is not None else Path(cfg.train.out or Path(resume).parent)
+        cfg.train.out = str(out_dir)
+        t_cfg = cfg.train
 
-    task: Any
-    if model_kind(cfg.model.name) == "supervised":
-        from fewshot_proto.engine.supervised import SupervisedTask, supervised_model_kwargs
+        torch.manual_seed(t_cfg.seed)
+        np.random.seed(t_cfg.seed % (2 ** 32))
+        index = dataset.slice_index()
+        split = fold_split(index, cfg.protocol.fold, cfg.protocol.n_folds, cfg.protocol.shots)
 
-        kwargs = supervised_model_kwargs(cfg)
-        model = build_model(cfg.model.name, **kwargs)
-        task = SupervisedTask(cfg, dataset, index, list(split.train_scans), model, device=device, rank=rank)
-    else:
-        sampler = build_training_sampler(cfg, dataset, index, list(split.train_scans))
-        kwargs = dict(cfg.model.kwargs)
-        model = build_model(cfg.model.name, **kwargs)
-        task = _EpisodicTask(cfg, sampler, device, rank)
-    if rank == 0 and task.labelled_scans is not None:
-        (out_dir / "labelled_scans.json").write_text(json.dumps(
-            {"n_labelled": len(task.labelled_scans), "selection_seed": cfg.supervised.selection_seed,
-             "fold": cfg.protocol.fold, "scans": task.labelled_scans}, indent=1))
-    return _run(cfg, task, model, kwargs, out_dir=out_dir, device=device, resume=resume, progress=progress,
-                stop_after=stop_after, rank=rank, world_size=world_size)
+        task: Any
+        if model_kind(cfg.model.name) == "supervised":
+            from fewshot_proto.engine.supervised import SupervisedTask, supervised_model_kwargs
+
+            kwargs = supervised_model_kwargs(cfg)
+            model = build_model(cfg.model.name, **kwargs)
+            check_run(cfg, dataset, index, model)
+            task = SupervisedTask(cfg, dataset, index, list(split.train_scans), model, device=device, rank=rank)
+        else:
+            kwargs = dict(cfg.model.kwargs)
+            model = build_model(cfg.model.name, **kwargs)
+            check_run(cfg, dataset, index, model)
+            sampler = build_training_sampler(cfg, dataset, index, list(split.train_scans))
+            task = _EpisodicTask(cfg, sampler, device, rank)
+        if rank == 0 and task.labelled_scans is not None:
+            (out_dir / "labelled_scans.json").write_text(json.dumps(
+                {"n_labelled": len(task.labelled_scans), "selection_seed": cfg.supervised.selection_seed,
+                 "fold": cfg.protocol.fold, "scans": task.labelled_scans}, indent=1))
+        return _run(cfg, task, model, kwargs, out_dir=out_dir, device=device, resume=resume, ckpt=ckpt,
+                    progress=progress, stop_after=stop_after, rank=rank, world_size=world_size)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _safe_name(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)) or "dataset"
 
 
 def _run(cfg: ExperimentConfig, task, model: torch.nn.Module, model_kwargs: Dict[str, Any], *, out_dir: Path,
-         device: torch.device, resume: Optional[str | Path], progress: bool, stop_after: Optional[int], rank: int,
-         world_size: int) -> TrainResult:
+         device: torch.device, resume: Optional[str | Path], ckpt: Optional[Dict[str, Any]], progress: bool,
+         stop_after: Optional[int], rank: int, world_size: int) -> TrainResult:
     """The loop both tasks share: optimiser, schedule, resume, DDP, logging, checkpoints, interrupts, budget.
 
     ``task`` provides ``source`` (an :class:`EpisodeSource`), ``wrap(model)`` (the module a step calls),
@@ -395,8 +496,7 @@ def _run(cfg: ExperimentConfig, task, model: torch.nn.Module, model_kwargs: Dict
     scheduler = _build_scheduler(optimizer, t_cfg)
 
     start = 0
-    if resume is not None:
-        ckpt = load_checkpoint(resume, expect_model=cfg.model.name)
+    if ckpt is not None:
         load_model_state(model, ckpt["model"], resume)
         if "optimizer" in ckpt:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -418,15 +518,31 @@ def _run(cfg: ExperimentConfig, task, model: torch.nn.Module, model_kwargs: Dict
     if rank == 0:
         save_config(cfg, out_dir / "config.yaml")
 
-    def checkpoint(step: int) -> None:
+    saved = {"step": start if ckpt is not None else None}
+
+    def checkpoint(step: int) -> bool:
+        """Save step ``step`` unless a tensor is non-finite; returns whether it was saved."""
         if rank != 0:
-            return
-        save_checkpoint(ckpt_path, model=model, model_name=cfg.model.name, model_config=model_config, step=step,
-                        optimizer=optimizer, scheduler=scheduler, config=resolved)
+            return True
+        try:
+            save_checkpoint(ckpt_path, model=model, model_name=cfg.model.name, model_config=model_config, step=step,
+                            optimizer=optimizer, scheduler=scheduler, config=resolved)
+        except CheckpointError:
+            if nonfinite_tensors(model.state_dict()) or nonfinite_tensors(optimizer.state_dict()):
+                return False
+            raise
+        saved["step"] = step
+        return True
+
+    def kept() -> str:
+        if saved["step"] is None:
+            return "no checkpoint was written"
+        return f"kept {ckpt_path} of step {saved['step']}, whose tensors are all finite"
 
     source = task.source
     stop = t_cfg.iters if stop_after is None else min(t_cfg.iters, start + int(stop_after))
-    logger = _Logger(out_dir, append=resume is not None, loss_fields=task.loss_fields) if rank == 0 else None
+    logger = (_Logger(out_dir, loss_fields=task.loss_fields, resume_step=start if ckpt is not None else None)
+              if rank == 0 else None)
     losses: List[float] = []
     step = start
     t_start = time.perf_counter()
@@ -453,10 +569,10 @@ def _run(cfg: ExperimentConfig, task, model: torch.nn.Module, model_kwargs: Dict
                 terms = task.losses(train_model, item)
             loss = terms["loss"]
             if not torch.isfinite(loss):
-                checkpoint(step)
-                raise FloatingPointError(
-                    f"non-finite loss {loss.item()} at step {step} ({task.describe(item)}); the last good weights "
-                    f"were saved to {ckpt_path}. Lower train.lr or check the data for NaNs.")
+                checkpoint(step)  # the weights before this step, unless they are non-finite too
+                raise DivergedError(
+                    f"non-finite loss {loss.item()} at step {step + 1} ({task.describe(item)}): training stopped; "
+                    f"{kept()}. Lower train.lr or check the data for NaNs")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if t_cfg.grad_clip:
@@ -480,10 +596,13 @@ def _run(cfg: ExperimentConfig, task, model: torch.nn.Module, model_kwargs: Dict
                 if step % 5 == 0:
                     bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}",
                                     s_per_step=f"{np.median(step_times[-20:]):.2f}")
-            if t_cfg.ckpt_every and step % t_cfg.ckpt_every == 0:
-                checkpoint(step)
+            if t_cfg.ckpt_every and step % t_cfg.ckpt_every == 0 and not checkpoint(step):
+                raise DivergedError(f"non-finite weights after step {step}: training stopped; {kept()}. "
+                                    f"Lower train.lr")
             if t_cfg.max_seconds is not None and now - t_start >= t_cfg.max_seconds:
                 break
+    except DivergedError:
+        raise
     except BaseException:
         if step > start:
             checkpoint(step)
@@ -494,7 +613,8 @@ def _run(cfg: ExperimentConfig, task, model: torch.nn.Module, model_kwargs: Dict
             bar.close()
         if logger is not None:
             logger.close()
-    checkpoint(step)
+    if not checkpoint(step):
+        raise DivergedError(f"non-finite weights after step {step}: training stopped; {kept()}. Lower train.lr")
     seconds = time.perf_counter() - t_start
     med = float(np.median(step_times[1:] if len(step_times) > 1 else step_times)) if step_times else float("nan")
     frac = float(np.sum(sample_times) / max(np.sum(step_times), 1e-9)) if step_times else float("nan")

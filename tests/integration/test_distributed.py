@@ -73,7 +73,7 @@ def _free_port() -> int:
 
 
 def _tiny_config(path: Path, out: Path, iters: int) -> Path:
-    cfg = apply_overrides(default_config(builtin=True), {
+    cfg = apply_overrides(default_config(), {
         "data.size": 32, "train.iters": iters, "train.out": str(out), "train.device": "cpu", "train.threads": 1,
         "train.prefetch": 1, "train.ckpt_every": 0, "train.log_every": 1, "train.seed": 5,
         "train.precision": "fp32", "train.num_workers": 0})

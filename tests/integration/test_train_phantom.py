@@ -15,7 +15,7 @@ from fewshot_proto.models import build_model
 
 
 def tiny_cfg(out, **over):
-    cfg = default_config(builtin=True)
+    cfg = default_config()
     base = {"data.size": 64, "train.out": str(out), "train.iters": 8, "train.ckpt_every": 4, "train.log_every": 1,
             "train.prefetch": 1, "train.device": "cpu", "train.seed": 3, "train.precision": "fp32",
             "train.num_workers": 0}

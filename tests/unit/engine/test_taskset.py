@@ -25,7 +25,7 @@ def phantoms():
 def _cfg(**over):
     base = {"data.size": 32, "train.seed": 5, "episodes.mode": "mixed", "episodes.shots": 1, "protocol.shots": 1}
     base.update(over)
-    return apply_overrides(default_config(builtin=True), base)
+    return apply_overrides(default_config(), base)
 
 
 def _equal(a: SegTask, b: SegTask) -> bool:

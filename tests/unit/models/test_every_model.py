@@ -170,7 +170,7 @@ def test_train_then_evaluate_cli(name, tmp_path, phantom_root, base_checkpoint, 
     _skip_if_missing(name)
     kwargs = tiny_model_kwargs(name, base_checkpoint)
     kwargs.pop("classes", None)  # supervised: the trainer sets classes = protocol.test_classes
-    cfg = apply_overrides(default_config(builtin=True), {
+    cfg = apply_overrides(default_config(), {
         "data.root": str(phantom_root), "data.size": SIZE, "model.name": name, "train.iters": 5,
         "train.ckpt_every": 0, "train.prefetch": 0, "train.device": "cpu", "train.threads": 1,
         "train.warmup_iters": 0, "train.precision": "fp32", "train.num_workers": 0,
@@ -206,7 +206,7 @@ def test_phantom_baseline_configs_load_and_differ_from_the_default_only_where_st
     assert cfg.model.name == name and cfg.model.kwargs == {}
     assert cfg.train.lambda_cyc == 0.0 and cfg.train.lambda_dice == 0.0 and cfg.train.lambda_align == 1.0
     assert cfg.train.out == f"runs/phantom_{name}"
-    expected = default_config(builtin=True)
+    expected = default_config()
     expected.model.name, expected.train.out = name, f"runs/phantom_{name}"
     expected.train.lambda_cyc = expected.train.lambda_dice = 0.0
     assert config_to_dict(cfg) == config_to_dict(expected)

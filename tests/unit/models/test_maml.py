@@ -293,7 +293,7 @@ def test_trainer_meta_trains_and_checkpoint_round_trips(l2l, tmp_path):
     from fewshot_proto.engine.checkpoint import model_from_checkpoint
 
     ds = InMemoryDataset(make_phantom_dataset(n_scans=6, size=32, n_slices_range=(12, 12)), name="phantom-32")
-    cfg = apply_overrides(default_config(builtin=True), {
+    cfg = apply_overrides(default_config(), {
         "data.size": 32, "train.out": str(tmp_path), "train.iters": 4, "train.ckpt_every": 0, "train.prefetch": 0,
         "train.device": "cpu", "train.seed": 1, "train.warmup_iters": 0, "train.precision": "fp32",
         "train.num_workers": 0,
