@@ -87,6 +87,12 @@ def run(args: argparse.Namespace) -> int:
             "setting": p.setting, "folds": folds if folds is not None else [p.fold], "shots": p.shots,
             "test_classes": list(p.test_classes), "episodes": args.episodes,
             "model": ckpt["model_name"], "trained_steps": ckpt.get("step")}
+    if args.episodes:  # the manifest's protocol, not the checkpoint's, is what was evaluated
+        from fewshot_proto.episodes.manifest import load_manifest
+
+        m = load_manifest(args.episodes)
+        meta.update(protocol=m.protocol, setting=m.setting, folds=list(m.folds), shots=m.shots,
+                    test_classes=list(m.test_classes))
     summary = evaluate(model, dataset, specs, size=cfg.data.size, device=device,
                        precision=cfg.train.precision, channels_last=cfg.train.channels_last,
                        batch_size=args.batch_size, out_dir=out, overlays=not args.no_overlays,

@@ -287,7 +287,7 @@ def protocol_specs(dataset, protocol, *, folds: Optional[Sequence[int]] = None, 
         from fewshot_proto.episodes.manifest import load_manifest, verify_manifest
 
         m = load_manifest(manifest)
-        verify_manifest(m, index)
+        verify_manifest(m, index, source=manifest)
         return list(m.episodes)
     specs = []
     for fold in (folds if folds is not None else [protocol.fold]):

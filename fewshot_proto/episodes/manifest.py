@@ -263,10 +263,10 @@ def manifest_mismatches(manifest: Manifest, index: SliceIndex, max_listed: int =
     return out + diffs
 
 
-def verify_manifest(manifest: Manifest, index: SliceIndex) -> None:
-    """Raise :class:`ProtocolError` listing every mismatch between ``manifest`` and ``index``; else return."""
+def verify_manifest(manifest: Manifest, index: SliceIndex, source: Optional[str | Path] = None) -> None:
+    """Raise :class:`ProtocolError` listing every mismatch between ``manifest`` (read from file ``source``, named in
+    the message) and ``index``; else return."""
     problems = manifest_mismatches(manifest, index)
     if problems:
-        raise ProtocolError(
-            f"manifest ({manifest.summary()}) does not match the data:\n  - " + "\n  - ".join(problems)
-        )
+        name = f"manifest {source} ({manifest.summary()})" if source is not None else f"manifest ({manifest.summary()})"
+        raise ProtocolError(f"{name} does not match the data: " + "; ".join(problems))
