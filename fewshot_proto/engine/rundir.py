@@ -9,6 +9,8 @@
   ``kill -9`` leaves no stale lock); a second run into the same folder stops at once with :class:`RunFolderError`.
   The lock is re-entrant within a process (the ``train`` CLI holds it across training and the final evaluation).
 * Temporary files of a killed run (``*.tmp``) are removed when the next run takes the lock.
+* A folder this run created is removed again if the run ends before writing anything into it (a config or data
+  error found after the folder was opened leaves no empty folder behind).
 """
 from __future__ import annotations
 
@@ -50,20 +52,24 @@ def next_version_folder(parent: Path) -> Path:
             n += 1
 
 
-def _make_dir(folder: Path) -> None:
+def _make_dir(folder: Path) -> bool:
+    """Create ``folder`` (and its parents); returns whether it was created now."""
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"run folder {folder} exists and is not a folder")
+    existed = folder.is_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunFolderError(f"run folder {folder} cannot be created: {e.strerror or e}") from None
+    return not existed
 
 
 class RunFolder:
     """A locked run folder (use as a context manager or call :meth:`release`)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, created: bool = False) -> None:
         self.path = Path(path)
+        self.created = created  # made by this run: removed again if the run ends before writing anything
         self._key = str(self.path.resolve())
         self._locked = False
 
@@ -120,6 +126,9 @@ class RunFolder:
             _HELD[self._key] = (fd, depth - 1)
             return
         del _HELD[self._key]
+        if self.created and [p.name for p in self.path.iterdir()] == [LOCK_NAME]:
+            (self.path / LOCK_NAME).unlink()  # a run that failed before writing anything leaves no folder behind
+            self.path.rmdir()
         os.close(fd)  # closing the descriptor drops the flock
 
     def __enter__(self) -> "RunFolder":
@@ -144,10 +153,9 @@ def open_run_folder(out: Optional[str | Path], *, default_parent: str | Path, re
         folder = RunFolder(ck_dir).acquire()
         return folder
     if out is None:
-        return RunFolder(next_version_folder(Path(default_parent))).acquire()
+        return RunFolder(next_version_folder(Path(default_parent)), created=True).acquire()
     path = Path(out)
-    _make_dir(path)
-    folder = RunFolder(path).acquire()
+    folder = RunFolder(path, created=_make_dir(path)).acquire()
     if folder.is_outermost and holds_run(path):
         if not overwrite:
             folder.release()
