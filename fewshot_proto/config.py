@@ -255,24 +255,44 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return True
 
 
-def _build(cls: type, d: Mapping[str, Any], where: str) -> Any:
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _type_name(tp: Any) -> str:
+    """``Optional[List[float]]`` -> ``"list of float or null"``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, List, Sequence):
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin in (dict, Dict, Mapping):
+        return "mapping"
+    return {bool: "true/false", int: "integer", float: "number", str: "string"}.get(tp, getattr(tp, "__name__",
+                                                                                                 str(tp)))
+
+
+def _build(cls: type, d: Mapping[str, Any], where: str, prefix: str = "") -> Any:
+    """``cls`` from mapping ``d`` (missing keys take the dataclass defaults); type errors name ``where`` and the
+    dotted key."""
     if d is None:
         d = {}
     if not isinstance(d, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'} must be a mapping, got {type(d).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+        raise ConfigError(f"{where}: unknown key(s) {[prefix + k for k in unknown]}; valid keys: {sorted(fields)}")
     kwargs = {}
     for k, v in d.items():
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
-            kwargs[k] = _build(tp, v, f"{where}.{k}")
+            kwargs[k] = _build(tp, v, where, f"{prefix}{k}.")
             continue
+        if isinstance(v, str) and _FLOAT_TEXT.fullmatch(v.strip()) and _type_ok(1.0, tp) and not _type_ok(v, tp):
+            v = float(v)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if not _type_ok(v, tp):
-            raise ConfigError(f"{where}.{k}: value {v!r} does not match type {tp}")
+            raise ConfigError(f"{where}: {prefix}{k} = {v!r}: expected {_type_name(tp)}")
         if tp is float or (typing.get_origin(tp) is typing.Union and float in typing.get_args(tp)):
             v = float(v) if isinstance(v, int) else v
         kwargs[k] = v
@@ -324,12 +344,13 @@ def build_config(layers: Sequence[Tuple[str, Mapping[str, Any]]], base: Optional
     for where, layer in layers:
         layer = layer or {}
         _check_keys(layer, where)
+        _build(ExperimentConfig, layer, where)  # type errors name the layer
         merged = _merge(merged, {k: v for k, v in layer.items() if v is not None})
         for section, values in layer.items():
             for key in (values or {}):
                 sources[f"{section}.{key}"] = where
     base_name = "built-in default" if base is None else base_where
-    cfg = _build(ExperimentConfig, merged, "config")
+    cfg = _build(ExperimentConfig, merged, base_name)
     if cfg.data.label_map is not None:
         cfg.data.label_map = {int(k): int(v) for k, v in cfg.data.label_map.items()}
     validate_config(cfg, sources=sources, default_where=base_name)

@@ -76,3 +76,30 @@ def test_shape_mismatch_is_reported(tmp_path):
     torch.save(ck, path)
     with pytest.raises(CheckpointError, match="shape mismatches"):
         model_from_checkpoint(path)
+
+
+def test_a_checkpoint_with_nan_or_inf_is_never_written(tmp_path):
+    """Saving non-finite weights (or optimiser state) raises, names the tensors, and leaves the previous checkpoint
+    byte for byte as it was, with no temporary file beside it."""
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, model=model, model_name="m", model_config={}, step=1, optimizer=opt)
+    before = path.read_bytes()
+    with torch.no_grad():
+        model.weight[0, 1] = float("nan")
+        model.bias[0] = float("inf")
+    with pytest.raises(CheckpointError) as e:
+        save_checkpoint(path, model=model, model_name="m", model_config={}, step=2, optimizer=opt)
+    assert str(e.value) == (f"checkpoint {path} not written: 2 tensor(s) hold NaN or inf (e.g. model.weight, "
+                            f"model.bias)")
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
+    opt.state[model.weight]["momentum_buffer"][0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"1 tensor\(s\) hold NaN or inf \(e.g. optimizer.state.0"):
+        save_checkpoint(path, model=model, model_name="m", model_config={}, step=2, optimizer=opt)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]
