@@ -280,11 +280,6 @@ class SupervisedTask:
         if not classes:
             raise ValueError(f"model {cfg.model.name!r} has no target classes; build it with "
                              f"supervised_model_kwargs(cfg)")
-        for name in ("dice_weight", "ce_weight"):
-            if float(getattr(s, name)) < 0:
-                raise ConfigError(f"supervised.{name} must be >= 0, got {getattr(s, name)}")
-        if s.pos_weight is not None and float(s.pos_weight) <= 0:
-            raise ConfigError(f"supervised.pos_weight must be > 0 or null, got {s.pos_weight}")
         self.cfg = cfg
         self.device = device
         self.channels_last = bool(cfg.train.channels_last)

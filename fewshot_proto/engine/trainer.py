@@ -80,8 +80,8 @@ def build_training_sampler(cfg: ExperimentConfig, dataset, index, train_scans: L
 
     def labelled():
         if not train_classes:
-            raise ValueError(f"no training classes left in dataset {index.dataset!r} once test classes {test} are "
-                             f"held out (classes: {index.classes})")
+            raise ConfigError(f"no training classes left in dataset {index.dataset!r} once test classes {test} are "
+                              f"held out (classes: {index.classes})")
         return LabelledEpisodeSampler(dataset, index, train_scans, train_classes, setting=p.setting,
                                       test_classes=test, shots=e.shots, n_query=e.n_query, size=cfg.data.size,
                                       augment=e.augment, rng=rng, min_fg_pixels=e.min_fg_pixels, cache=cache)
@@ -98,7 +98,7 @@ def build_training_sampler(cfg: ExperimentConfig, dataset, index, train_scans: L
         return superpixel()
     if e.mode == "mixed":
         return MixedSampler([superpixel(), labelled()], [e.superpixel_prob, 1 - e.superpixel_prob], rng=rng)
-    raise ValueError(f"episodes.mode must be labelled, superpixel or mixed, not {e.mode!r}")
+    raise ConfigError(f"episodes.mode must be labelled, superpixel or mixed, not {e.mode!r}")
 
 
 class EpisodeSource:
@@ -260,7 +260,7 @@ def _build_optimizer(params, t, device: Optional[torch.device] = None) -> torch.
         return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, **fused)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, **fused)
-    raise ValueError(f"train.optimizer must be sgd, adam or adamw, not {t.optimizer!r}")
+    raise ConfigError(f"train.optimizer must be sgd, adam or adamw, not {t.optimizer!r}")
 
 
 def _build_scheduler(opt, t):
@@ -273,7 +273,7 @@ def _build_scheduler(opt, t):
     elif name == "none":
         base = lambda i: 1.0  # noqa: E731
     else:
-        raise ValueError(f"train.scheduler must be step, cosine or none, not {t.scheduler!r}")
+        raise ConfigError(f"train.scheduler must be step, cosine or none, not {t.scheduler!r}")
     fn = (lambda i: base(i) * min(1.0, (i + 1) / warm)) if warm else base  # noqa: E731
     return torch.optim.lr_scheduler.LambdaLR(opt, fn)
 

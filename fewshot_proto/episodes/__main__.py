@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from fewshot_proto.errors import FewShotError, ProtocolError
+from fewshot_proto.errors import ProtocolError, run_cli
 
 from .manifest import freeze, load_manifest, manifest_mismatches, save_manifest
 from .protocol import PROTOCOLS
@@ -152,11 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(None if argv is None else list(argv))
-    try:
-        return int(args.func(args))
-    except (FewShotError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: args.func(args))
 
 
 if __name__ == "__main__":  # pragma: no cover
