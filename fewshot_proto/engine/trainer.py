@@ -31,6 +31,7 @@ import json
 import math
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -472,8 +473,7 @@ def train(cfg: ExperimentConfig, *, resume: Optional[str | Path] = None, progres
 
 
 def _safe_name(name: str) -> str:
-    import re
-
+    """``name`` as a folder name (the default run folder is ``runs/<dataset name>/version_<N>``)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)) or "dataset"
 
 
