@@ -441,7 +441,7 @@ def build_eval_episodes(index: SliceIndex, protocol: str = "alpnet", fold: int =
             zs = index.slices(c, s)
             if not zs:
                 raise ProtocolError(
-                    f"dataset {index.dataset!r}: support scan {s!r} (fold {(fold + 1) % n_folds}) has no slice "
+                    f"dataset {index.dataset!r}: support scan {s!r} (a support of fold {fold}) has no slice "
                     f"with class {c}; fold {fold} cannot be evaluated for class {c}"
                 )
             support.append((s, support_slice_positions(zs, n_part)))

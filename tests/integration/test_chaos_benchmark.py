@@ -54,6 +54,7 @@ def test_no_over_folds_section_for_single_folds():
     assert "## Over folds" not in md and md.count("| cwpa_unet") == 2
 
 
+@pytest.mark.realdata
 def test_smoke_run_on_real_chaos_t2(real_data_dir, tmp_path):
     data = real_data_dir / "chaos_t2"
     if not data.is_dir():

@@ -127,6 +127,7 @@ def test_setting2_view_drops_every_test_class_slice(bench):
     assert set(view.slice_index().classes) <= {1, 4}
 
 
+@pytest.mark.realdata
 def test_quick_run_on_real_chaos_t2(bench, real_data_dir, tmp_path):
     """The ``--data`` path on the real CHAOS-T2 volumes (skipped when ../shared/data is absent): a few-shot and a
     supervised row, results under the data folder's stem, Dice finite in [0, 1]."""

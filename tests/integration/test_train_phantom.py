@@ -29,7 +29,12 @@ def _state(model):
 
 @pytest.mark.slow
 def test_loss_falls_and_dice_beats_untrained(tmp_path, phantom_dataset):
-    cfg = tiny_cfg(tmp_path / "run", **{"train.iters": 200, "train.lr": 1e-3, "train.warmup_iters": 5,
+    """The default model and losses at 64 px, 60 episodes (about 30 s; 200 episodes with a checkpoint every 4
+    took 140 s): the first-10 mean loss is about 3.0, the last-10 mean about 1.1, and Dice on a training class
+    rises by about 0.19. With the optimiser step broken (lr 1e-12) the loss ratio is about 1.0 and Dice falls, so
+    both assertions fail."""
+    cfg = tiny_cfg(tmp_path / "run", **{"train.iters": 60, "train.lr": 1e-3, "train.warmup_iters": 5,
+                                        "train.ckpt_every": 0,  # the final checkpoint only
                                         "episodes.mode": "labelled", "protocol.test_classes": [2, 3],
                                         "protocol.setting": 1})
     # score a TRAINING class (1, liver-like): the point here is that optimisation works end to end
@@ -42,7 +47,7 @@ def test_loss_falls_and_dice_beats_untrained(tmp_path, phantom_dataset):
     after = evaluate(res.model, phantom_dataset, specs, size=64, distances=False)
     assert after["mean_dice"] > base["mean_dice"] + 0.05, (base["mean_dice"], after["mean_dice"])
     log = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
-    assert log[0].startswith("step,loss,ce,dice,align,cyc") and len(log) == 201  # the default trains the Dice term
+    assert log[0].startswith("step,loss,ce,dice,align,cyc") and len(log) == 61  # the default trains the Dice term
 
 
 def test_resume_is_bit_for_bit(tmp_path, phantom_dataset):

@@ -90,6 +90,7 @@ def _median_slice_fraction(label_zhw: np.ndarray, c: int) -> float:
     return float(np.median(per_z[per_z > 0]))
 
 
+@pytest.mark.realdata
 def test_organ_sizes_match_chaos_t2(real_data_dir):
     """Version 3's size constants: each organ's median per-slice area (fraction of the image, median over scans)
     is within 20 % of CHAOS-T2's, the benchmark the phantoms imitate. Version 2's kidneys were 3x too small."""
