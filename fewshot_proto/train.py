@@ -203,6 +203,8 @@ def run(cfg: ExperimentConfig, *, resume: Optional[str] = None, overwrite: bool 
                                  resume=resume, overwrite=overwrite)
         cfg = copy.deepcopy(cfg)
         cfg.train.out = str(folder.path)
+        auto = cfg.train.precision == "auto"
+        cfg.train.precision = precision  # print and save what runs, as the checkpoint records it
     try:
         if rank == 0:
             print(f"data: {dataset.name} ({len(dataset)} scans) | model: {cfg.model.name} | {p.shots}-shot, "
@@ -210,7 +212,7 @@ def run(cfg: ExperimentConfig, *, resume: Optional[str] = None, overwrite: bool 
                   f"{cfg.train.iters} episodes"
                   + (f" (or {cfg.train.max_seconds:.0f} s)" if cfg.train.max_seconds else "")
                   + f" at {cfg.data.size}x{cfg.data.size} in {precision}"
-                  + (" (auto)" if cfg.train.precision == "auto" else "") + f" | out: {cfg.train.out}"
+                  + (" (auto)" if auto else "") + f" | out: {cfg.train.out}"
                   + (f" | resumed from {resume}" if resume else "")
                   + (f" | {world_size} ranks" if world_size > 1 else ""))
             print("config (saved as config.yaml in the run folder):\n" + format_config(cfg), flush=True)
