@@ -263,7 +263,7 @@ def test_bad_slice_axis_is_refused(case, tmp_path, capsys, no_load, value, needl
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--n-part", "0"], "argument --n-part: expected a positive integer, got 0"),
+    (["--n-part", "0"], "argument --n-part: expected a positive integer, got '0'"),
     (["--threshold", "1.5"], "argument --threshold: expected a number in [0, 1], got '1.5'"),
     (["--threshold", "nan"], "argument --threshold"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
