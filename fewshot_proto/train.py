@@ -186,9 +186,8 @@ def run(cfg: ExperimentConfig, *, resume: Optional[str] = None, overwrite: bool 
     from fewshot_proto.data import dataset_from_config
     from fewshot_proto.engine import evaluate, train
     from fewshot_proto.engine.evaluator import protocol_specs
-    from fewshot_proto.engine.rundir import open_run_folder
     from fewshot_proto.engine.runtime import resolve_device, resolve_precision
-    from fewshot_proto.engine.trainer import _safe_name
+    from fewshot_proto.engine.trainer import open_training_folder
     from fewshot_proto.metrics.report import format_dice_table
 
     t0 = time.perf_counter()
@@ -197,10 +196,7 @@ def run(cfg: ExperimentConfig, *, resume: Optional[str] = None, overwrite: bool 
     precision = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device))
     folder = None
     if rank == 0:
-        if world_size > 1 and cfg.train.out is None and resume is None:
-            raise ConfigError("train.out: a multi-process run needs an explicit --out")
-        folder = open_run_folder(cfg.train.out, default_parent=Path("runs") / _safe_name(dataset.name),
-                                 resume=resume, overwrite=overwrite)
+        folder = open_training_folder(cfg, dataset.name, resume=resume, overwrite=overwrite, world_size=world_size)
         cfg = copy.deepcopy(cfg)
         cfg.train.out = str(folder.path)
         auto = cfg.train.precision == "auto"

@@ -24,12 +24,18 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["Volume", "SliceIndex", "Episode", "SegOutput", "natural_key"]
+__all__ = ["Volume", "SliceIndex", "Episode", "SegOutput", "natural_key", "safe_file_name"]
 
 
 def natural_key(s: str) -> Tuple[Any, ...]:
     """Sort key that orders ``"2" < "10"`` and ``"case_2" < "case_10"`` (scan ids are sorted this way)."""
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(s)))
+
+
+def safe_file_name(name: str, fallback: str = "dataset") -> str:
+    """``name`` with every run of characters other than letters, digits, ``_``, ``.`` and ``-`` replaced by ``_``
+    (cache files and default run folders are named after datasets)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)) or fallback
 
 
 @dataclass

@@ -45,7 +45,7 @@ import numpy as np
 from fewshot_proto.data.dataset import LABEL_DTYPE_KINDS, VolumeDataset, integrity_error, slice_index_from_labels
 from fewshot_proto.data.normalise import DEFAULT_CT_WINDOW, NORMALISE_METHODS, dataset_stats, normalise_volume
 from fewshot_proto.errors import DataError
-from fewshot_proto.types import SliceIndex, Volume, natural_key
+from fewshot_proto.types import SliceIndex, Volume, natural_key, safe_file_name
 
 __all__ = [
     "AlpnetDataset",
@@ -603,8 +603,7 @@ class NiftiDataset(VolumeDataset):
     def _cache_path(self, cache_dir: Optional[PathLike], key: str, suffix: str) -> Path:
         """``<cache_dir>/<name>-<key[:16]><suffix>`` (``.json``: the SliceIndex, ``.integrity``: a passed check)."""
         cdir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name) or "dataset"
-        return cdir / f"{safe}-{key[:16]}{suffix}"
+        return cdir / f"{safe_file_name(self.name)}-{key[:16]}{suffix}"
 
     @staticmethod
     def _read_integrity_cache(cpath: Path, key: str, fp: List[List[Any]]) -> bool:

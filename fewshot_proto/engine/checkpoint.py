@@ -11,7 +11,8 @@ it)::
 Writing goes to a temporary file beside the target (``<name>.<pid>.<random>.tmp``, unique per writer), is
 fsync'ed, then ``os.replace``d over the target, so an interrupted write never leaves a truncated checkpoint
 behind and a failed write leaves the previous file as it was. A checkpoint with a NaN or infinite tensor is never
-written (``CheckpointError`` naming the tensors): it could only replace good weights with broken ones.
+written (:class:`NonFiniteCheckpointError` naming the tensors): it could only replace good weights with broken
+ones.
 """
 from __future__ import annotations
 
@@ -29,10 +30,14 @@ from fewshot_proto import __version__
 from fewshot_proto.errors import CheckpointError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "model_from_checkpoint",
-           "nonfinite_tensors", "CHECKPOINT_FORMAT"]
+           "nonfinite_tensors", "NonFiniteCheckpointError", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = 1
 _REQUIRED = ("format", "model_name", "model_config", "model")
+
+
+class NonFiniteCheckpointError(CheckpointError):
+    """``save_checkpoint`` refused to write: a model or optimiser tensor holds NaN or inf."""
 
 
 def rng_state() -> Dict[str, Any]:
@@ -117,8 +122,8 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, model_name: str
         payload["scheduler"] = scheduler.state_dict()
     bad = nonfinite_tensors(payload["model"], "model") + nonfinite_tensors(payload.get("optimizer"), "optimizer")
     if bad:
-        raise CheckpointError(f"checkpoint {path} not written: {len(bad)} tensor(s) hold NaN or inf "
-                              f"(e.g. {', '.join(bad[:3])})")
+        raise NonFiniteCheckpointError(f"checkpoint {path} not written: {len(bad)} tensor(s) hold NaN or inf "
+                                       f"(e.g. {', '.join(bad[:3])})")
     fd, tmp_name = tempfile.mkstemp(prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import queue
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,15 +41,16 @@ import numpy as np
 import torch
 
 from fewshot_proto.config import ExperimentConfig, config_differences, config_to_dict, save_config
-from fewshot_proto.engine.checkpoint import (load_checkpoint, load_model_state, nonfinite_tensors, save_checkpoint,
-                                             set_rng_state)
-from fewshot_proto.engine.rundir import open_run_folder
-from fewshot_proto.errors import CheckpointError, ConfigError, DivergedError, FewShotError
+from fewshot_proto.engine.checkpoint import (NonFiniteCheckpointError, load_checkpoint, load_model_state,
+                                             save_checkpoint, set_rng_state)
+from fewshot_proto.engine.rundir import RunFolder, open_run_folder
 from fewshot_proto.engine.runtime import (autocast, configure_threads, resolve_device, resolve_precision,
                                           to_memory_format)
+from fewshot_proto.errors import ConfigError, DivergedError, FewShotError
+from fewshot_proto.types import safe_file_name
 
 __all__ = ["train", "TrainResult", "build_training_sampler", "episode_losses", "EpisodeSource", "model_kind",
-           "check_resume_config", "check_run", "RESUMABLE_KEYS"]
+           "check_resume_config", "check_run", "open_training_folder", "RESUMABLE_KEYS"]
 
 
 @dataclass
@@ -397,6 +397,18 @@ def check_run(cfg: ExperimentConfig, dataset, index, model: torch.nn.Module) -> 
                           f"(e.g. {lower} or {lower + int(multiple)})")
 
 
+def open_training_folder(cfg: ExperimentConfig, dataset_name: str, *, resume: Optional[str | Path] = None,
+                         overwrite: bool = False, world_size: int = 1) -> RunFolder:
+    """Open and lock the run folder of ``cfg`` (rank 0 only): ``cfg.train.out``, or with ``train.out: null`` a new
+    ``runs/<dataset name>/version_<N>`` (:func:`~fewshot_proto.engine.rundir.open_run_folder`). A multi-process
+    run needs an explicit folder: its ranks cannot agree on a new numbered one."""
+    if world_size > 1 and cfg.train.out is None and resume is None:
+        raise ConfigError("train.out: a multi-process run needs an explicit run folder (--out); ranks cannot agree "
+                          "on a new numbered one")
+    return open_run_folder(cfg.train.out, default_parent=Path("runs") / safe_file_name(dataset_name), resume=resume,
+                           overwrite=overwrite)
+
+
 def train(cfg: ExperimentConfig, *, resume: Optional[str | Path] = None, progress: bool = True,
           stop_after: Optional[int] = None, dataset=None, rank: int = 0, world_size: int = 1,
           overwrite: bool = False) -> TrainResult:
@@ -430,13 +442,9 @@ def train(cfg: ExperimentConfig, *, resume: Optional[str | Path] = None, progres
     check = getattr(dataset, "check_integrity", None)
     if check is not None:
         check()
-    if world_size > 1 and cfg.train.out is None and resume is None:
-        raise ConfigError("train.out: a multi-process run needs an explicit run folder (--out); ranks cannot agree "
-                          "on a new numbered one")
     folder = None
     if rank == 0:
-        folder = open_run_folder(cfg.train.out, default_parent=Path("runs") / _safe_name(dataset.name),
-                                 resume=resume, overwrite=overwrite)
+        folder = open_training_folder(cfg, dataset.name, resume=resume, overwrite=overwrite, world_size=world_size)
     try:
         out_dir = folder.path if folder is not None else Path(cfg.train.out or Path(resume).parent)
         cfg.train.out = str(out_dir)
@@ -470,11 +478,6 @@ def train(cfg: ExperimentConfig, *, resume: Optional[str | Path] = None, progres
     finally:
         if folder is not None:
             folder.release()
-
-
-def _safe_name(name: str) -> str:
-    """``name`` as a folder name (the default run folder is ``runs/<dataset name>/version_<N>``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)) or "dataset"
 
 
 def _run(cfg: ExperimentConfig, task, model: torch.nn.Module, model_kwargs: Dict[str, Any], *, out_dir: Path,
@@ -527,10 +530,8 @@ def _run(cfg: ExperimentConfig, task, model: torch.nn.Module, model_kwargs: Dict
         try:
             save_checkpoint(ckpt_path, model=model, model_name=cfg.model.name, model_config=model_config, step=step,
                             optimizer=optimizer, scheduler=scheduler, config=resolved)
-        except CheckpointError:
-            if nonfinite_tensors(model.state_dict()) or nonfinite_tensors(optimizer.state_dict()):
-                return False
-            raise
+        except NonFiniteCheckpointError:
+            return False
         saved["step"] = step
         return True
 
