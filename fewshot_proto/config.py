@@ -281,8 +281,11 @@ def _build(cls: type, d: Mapping[str, Any], where: str, prefix: str = "") -> Any
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
+    if unknown and not prefix:
+        raise ConfigError(f"{where}: unknown section(s) {unknown}; valid sections: {sorted(fields)}")
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {[prefix + k for k in unknown]}; valid keys: {sorted(fields)}")
+        raise ConfigError(f"{where}: unknown key(s) {[prefix + k for k in unknown]}; valid keys of "
+                          f"{prefix.rstrip('.')!r}: {sorted(fields)}")
     kwargs = {}
     for k, v in d.items():
         tp = hints[k]
@@ -310,27 +313,6 @@ def _merge(base: Dict[str, Any], layer: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _check_keys(layer: Mapping[str, Any], where: str) -> None:
-    """Reject unknown sections and keys of one layer, naming ``where``."""
-    if not isinstance(layer, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of sections, got {type(layer).__name__}")
-    sections = {f.name: f.type for f in dataclasses.fields(ExperimentConfig)}
-    hints = typing.get_type_hints(ExperimentConfig)
-    unknown = sorted(set(layer) - set(sections))
-    if unknown:
-        raise ConfigError(f"{where}: unknown section(s) {unknown}; valid sections: {sorted(sections)}")
-    for name, values in layer.items():
-        if values is None:
-            continue
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"{where}: section {name!r} must be a mapping, got {type(values).__name__}")
-        valid = {f.name for f in dataclasses.fields(hints[name])}
-        bad = sorted(set(values) - valid)
-        if bad:
-            raise ConfigError(f"{where}: unknown key(s) {[f'{name}.{k}' for k in bad]}; valid keys of {name!r}: "
-                              f"{sorted(valid)}")
-
-
 def build_config(layers: Sequence[Tuple[str, Mapping[str, Any]]], base: Optional[Mapping[str, Any]] = None,
                  base_where: str = "base config") -> ExperimentConfig:
     """Layer partial configs over ``base`` (default: the built-in default) and validate the result.
@@ -343,8 +325,7 @@ def build_config(layers: Sequence[Tuple[str, Mapping[str, Any]]], base: Optional
     sources: Dict[str, str] = {}
     for where, layer in layers:
         layer = layer or {}
-        _check_keys(layer, where)
-        _build(ExperimentConfig, layer, where)  # type errors name the layer
+        _build(ExperimentConfig, layer, where)  # unknown keys and wrong types, named with their layer
         merged = _merge(merged, {k: v for k, v in layer.items() if v is not None})
         for section, values in layer.items():
             for key in (values or {}):
@@ -381,7 +362,7 @@ def read_config_file(path: str | Path) -> Dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {p} cannot be read: {e}") from None
     raw = {} if raw is None else raw
-    _check_keys(raw, str(p))
+    _build(ExperimentConfig, raw, str(p))  # unknown keys and wrong types, named with the file
     data = raw.get("data")
     if isinstance(data, Mapping) and isinstance(data.get("root"), str) and not Path(data["root"]).is_absolute():
         raw = _merge({}, raw)
