@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, List, NoReturn, Optional, Sequence, Tuple
 
 from fewshot_proto.errors import ConfigError, DataError, run_cli
+from fewshot_proto.train import parse_classes
 
 #: largest class id a prediction file can hold (``write_prediction`` writes int16 labels)
 MAX_CLASS_ID = 32767
@@ -41,13 +42,9 @@ def parse_class_ids(text: str) -> List[int]:
         argparse.ArgumentTypeError: no ids, a non-integer, 0 (background), a negative id, an id above
             :data:`MAX_CLASS_ID`, or an id given twice.
     """
-    parts = [t for t in str(text).replace(" ", "").split(",") if t]
-    if not parts:
+    ids = parse_classes(text)  # the split and int conversion of train's --test-classes
+    if not ids:
         raise argparse.ArgumentTypeError(f"expected comma-separated class ids such as 1,4, got {text!r}")
-    try:
-        ids = [int(t) for t in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated class ids such as 1,4, got {text!r}") from None
     for c in ids:
         if c == 0:
             raise argparse.ArgumentTypeError(f"class 0 is the background and cannot be segmented (got {text!r}); "
