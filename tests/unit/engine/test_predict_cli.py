@@ -227,12 +227,16 @@ def test_out_suffix_is_checked_before_inference(case, tmp_path, capsys, no_load,
 def test_out_that_is_a_folder_is_refused(case, tmp_path, capsys, no_load, name):
     folder = tmp_path / name
     folder.mkdir()
-    _refused(capsys, _argv(case, folder), tmp_path, f"--out {folder} is an existing folder")
+    line = _refused(capsys, _argv(case, folder), tmp_path, f"--out {folder} is an existing folder")
+    assert line == f"error: --out {folder} is an existing folder; give a file name such as {folder / 'pred.nii.gz'}"
+    assert folder.is_dir() and not any(folder.iterdir())
 
 
 def test_out_under_a_regular_file_is_refused(case, tmp_path, capsys, no_load):
     out = case["query"] / "sub" / "pred.nii.gz"
-    _refused(capsys, _argv(case, out), tmp_path, f"--out {out}", f"{case['query']} is not a folder")
+    line = _refused(capsys, _argv(case, out), tmp_path, f"--out {out}", f"{case['query']} is not a folder")
+    assert line == f"error: --out {out}: cannot create it, {case['query']} is not a folder"
+    assert case["query"].is_file()
 
 
 # ---------------------------------------------------------------------------------------- other bad arguments
@@ -258,8 +262,11 @@ def test_bad_classes_are_refused(case, tmp_path, capsys, no_load, classes, needl
 @pytest.mark.parametrize("value, needle", [("3", "invalid choice: 3"), ("-1", "invalid choice: -1"),
                                            ("x", "invalid int value: 'x'")])
 def test_bad_slice_axis_is_refused(case, tmp_path, capsys, no_load, value, needle):
-    _refused(capsys, _argv(case, tmp_path / "p.nii.gz", f"--slice-axis={value}"), tmp_path,
-             "argument --slice-axis", needle)
+    line = _refused(capsys, _argv(case, tmp_path / "p.nii.gz", f"--slice-axis={value}"), tmp_path,
+                    "argument --slice-axis", needle)
+    assert line.startswith("error: argument --slice-axis: ") and line.endswith("(see python -m fewshot_proto.predict "
+                                                                              "--help)")
+    assert not (tmp_path / "p.nii.gz").exists()
 
 
 @pytest.mark.parametrize("extra, needle", [
@@ -282,7 +289,9 @@ def test_missing_input_file_is_refused_before_loading(case, tmp_path, capsys, no
     gone = tmp_path / "in" / "image_404.nii.gz"
     argv = _argv(case, tmp_path / "p.nii.gz")
     argv[argv.index("--query") + 1] = str(gone)
-    _refused(capsys, argv, tmp_path, f"--query {gone}: file does not exist")
+    line = _refused(capsys, argv, tmp_path, f"--query {gone}: file does not exist")
+    assert line == f"error: --query {gone}: file does not exist"
+    assert not (tmp_path / "p.nii.gz").exists()
 
 
 def test_every_flag_states_its_default():
