@@ -13,8 +13,9 @@ network need to match a one-shot model? So, for the protocol's fold:
   ``protocol.setting`` does not apply here (it restricts what the few-shot model sees of the test classes).
 * **Steps**: one step is a batch of ``supervised.batch_size`` slices (:class:`SliceBatchSampler`), a share
   ``fg_fraction`` of them forced to contain a target class, each augmented with ``augment_pair``. Step ``i``
-  is drawn with ``default_rng([train.seed, rank, i])`` through the trainer's :class:`EpisodeSource` (prefetch
-  thread or DataLoader workers), so resume is bit-for-bit exactly as for episodic training.
+  is drawn with ``default_rng([train.seed, rank, i])`` through the engine's one episode stream
+  (:class:`~fewshot_proto.engine.stream.EpisodeSource`: prefetch thread or DataLoader workers), so resume is
+  bit-for-bit exactly as for episodic training.
 * **Loss** (:func:`supervised_losses`): ``dice_weight * Dice + ce_weight * CE``, softmax CE + Dice for a
   softmax head, per-class Dice + BCE (the seeds' 0.8 / 0.2, optional ``pos_weight``) for a sigmoid head.
 
@@ -31,9 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot_proto.config import ConfigError, ExperimentConfig
+from fewshot_proto.data.augment import augment_pair
+from fewshot_proto.data.transforms import to_channels
 from fewshot_proto.engine.runtime import to_memory_format
-from fewshot_proto.engine.trainer import EpisodeSource
+from fewshot_proto.engine.stream import EpisodeSource
+from fewshot_proto.episodes.sampler import SliceCache
 from fewshot_proto.errors import DataError, ProtocolError
+from fewshot_proto.losses import dice_loss, weighted_cross_entropy
 from fewshot_proto.types import natural_key
 
 __all__ = [
@@ -113,8 +118,6 @@ class SliceBatchSampler:
                  batch_size: int = 8, fg_fraction: float = 0.5, augment: bool = True,
                  rng: np.random.Generator, augment_kwargs: Optional[Mapping[str, Any]] = None,
                  channels: int = 3, cache_mb: float = 512.0) -> None:
-        from fewshot_proto.episodes.sampler import SliceCache
-
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"SliceBatchSampler: rng must be a numpy.random.Generator, got {type(rng).__name__}")
         if isinstance(batch_size, bool) or int(batch_size) < 1:
@@ -156,9 +159,6 @@ class SliceBatchSampler:
 
     def sample(self) -> SliceBatch:
         """One batch (see the class docstring)."""
-        from fewshot_proto.data.augment import augment_pair
-        from fewshot_proto.data.transforms import to_channels
-
         rng = self.rng
         picks = []
         for i in range(self.batch_size):
@@ -195,8 +195,6 @@ def supervised_losses(logits: torch.Tensor, target: torch.Tensor, *, out_mode: s
             both averaged over classes. For K = 1 this is exactly ``losses.dice_bce_loss``.
         batch_dice: Dice per class over the whole batch (True) or per slice, then averaged (False).
     """
-    from fewshot_proto.losses import dice_loss, weighted_cross_entropy
-
     if logits.ndim != 4 or target.shape != (logits.shape[0],) + tuple(logits.shape[2:]):
         raise ValueError(f"supervised_losses: logits [N, 1+K, H, W] and target [N, H, W] expected, got "
                          f"{tuple(logits.shape)} and {tuple(target.shape)}")
@@ -267,7 +265,7 @@ class SupervisedTask:
 
     Attributes:
         labelled_scans: the scans chosen by :func:`select_labelled_scans` (recorded by the trainer).
-        source: an :class:`~fewshot_proto.engine.trainer.EpisodeSource` over a :class:`SliceBatchSampler`.
+        source: an :class:`~fewshot_proto.engine.stream.EpisodeSource` over a :class:`SliceBatchSampler`.
     """
 
     kind = "supervised"

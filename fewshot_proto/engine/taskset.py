@@ -7,7 +7,7 @@ themselves), so :class:`EpisodeTaskset` is not a subclass: it offers the same in
 episode sampler:
 
 * ``taskset[i]``: task ``i``, deterministic: the sampler driven by ``np.random.default_rng([seed, rank, i])``,
-  exactly the generator of the engine's :class:`~fewshot_proto.engine.trainer.EpisodeSource`, so task ``i`` of
+  exactly the generator of the engine's :class:`~fewshot_proto.engine.stream.EpisodeSource`, so task ``i`` of
   a task set with the trainer's sampler and seed is the episode of training step ``i``;
 * ``taskset.sample()``: one task, like learn2learn's (a random index among ``num_tasks``; with
   ``num_tasks=-1`` the next task of an endless stream), drawn from the task set's own seeded generator rather
@@ -33,6 +33,11 @@ from typing import Any, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
+
+from fewshot_proto.data import dataset_from_config
+from fewshot_proto.engine.episodic import build_training_sampler
+from fewshot_proto.engine.stream import EpisodeSource
+from fewshot_proto.episodes.protocol import fold_split
 
 __all__ = ["SegTask", "EpisodeTaskset", "training_taskset"]
 
@@ -89,10 +94,8 @@ class EpisodeTaskset:
     # ---- episodes -----------------------------------------------------------------------------------------
     def episode(self, i: int):
         """The raw :class:`~fewshot_proto.types.Episode` of task ``i`` (numpy arrays and ``meta``)."""
-        from fewshot_proto.engine.trainer import _sample_with  # the trainer's own rule, so task i == step i
-
-        i = self._index(i)
-        return _sample_with(self.sampler, np.random.default_rng([self.seed, self.rank, i]))
+        # the training stream's own rule, so task i == training step i by construction
+        return EpisodeSource(self.sampler, self.seed, self.rank).episode(self._index(i))
 
     def _index(self, i: Any) -> int:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
@@ -159,10 +162,6 @@ def training_taskset(cfg: Any, *, num_tasks: int = -1, dataset: Any = None, rank
         rank: the rank part of the seed.
         device: where the task tensors are put.
     """
-    from fewshot_proto.data import dataset_from_config
-    from fewshot_proto.engine.trainer import build_training_sampler
-    from fewshot_proto.episodes.protocol import fold_split
-
     if dataset is None:
         dataset = dataset_from_config(cfg.data)
     index = dataset.slice_index()

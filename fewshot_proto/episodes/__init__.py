@@ -31,13 +31,12 @@ __all__ = [
     "ABDOMEN_TEST_GROUPS", "GENERATOR_VERSION", "PROTOCOLS", "EpisodeSpec", "FoldSplit", "alpnet_folds",
     "build_eval_episodes", "fold_split", "group_by_query", "query_chunks", "support_slice_positions",
     "training_slices", "Manifest", "fingerprint", "freeze", "load_manifest", "save_manifest", "verify_manifest",
-    "LabelledEpisodeSampler", "SuperpixelEpisodeSampler", "MixedSampler", "EpisodeStream", "load_support",
-    "load_query",
+    "LabelledEpisodeSampler", "SuperpixelEpisodeSampler", "MixedSampler", "load_support", "load_query",
 ]
 
 _LAZY = {
     "LabelledEpisodeSampler": "sampler", "SuperpixelEpisodeSampler": "sampler", "MixedSampler": "sampler",
-    "EpisodeStream": "sampler", "load_support": "materialise", "load_query": "materialise",
+    "load_support": "materialise", "load_query": "materialise",
 }
 
 

@@ -5,12 +5,11 @@
 - :class:`SuperpixelEpisodeSampler`: SSL-ALPNet's self-supervision: one Felzenszwalb superpixel of a random
   slice is the pseudo-label; support and query are two independent augmentations of that slice and mask.
 - :class:`MixedSampler`: picks one of several samplers per episode with fixed probabilities.
-- ``EpisodeStream``: a ``torch.utils.data.IterableDataset`` giving every (rank, DataLoader worker) its own
-  deterministic generator, so episodes can be prefetched by workers. torch is imported only when
-  ``EpisodeStream`` is first used.
 
-All samplers read ``self.rng`` at every draw, so a caller may replace it between episodes (the engine draws
-episode ``i`` with ``default_rng([seed, rank, i])``; :class:`MixedSampler` exposes its children as ``samplers``).
+All samplers read ``self.rng`` at every draw, so a caller may replace it between episodes: the engine's one
+episode stream (``fewshot_proto.engine.stream.EpisodeSource``, in a prefetch thread or DataLoader workers) draws
+episode ``i`` with ``default_rng([seed, rank, i])``; :class:`MixedSampler` exposes its children as ``samplers``.
+This module does not import torch.
 
 Every sampler returns an :class:`~fewshot_proto.types.Episode` with float32 images ``[N, 3, size, size]``,
 support masks float32 ``[S, size, size]`` in {0, 1} and query masks int64 ``[Q, size, size]``; ``meta`` records
@@ -20,7 +19,7 @@ support masks float32 ``[S, size, size]`` in {0, 1} and query masks int64 ``[Q, 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -29,8 +28,7 @@ from fewshot_proto.types import Episode, SliceIndex
 
 from .protocol import training_slices
 
-__all__ = ["LabelledEpisodeSampler", "SuperpixelEpisodeSampler", "MixedSampler", "EpisodeStream", "worker_seed",
-           "SliceCache"]
+__all__ = ["LabelledEpisodeSampler", "SuperpixelEpisodeSampler", "MixedSampler", "SliceCache"]
 
 
 def _check_rng(rng: Any, who: str) -> np.random.Generator:
@@ -420,58 +418,3 @@ class MixedSampler:
         ep = self.samplers[i].sample()
         ep.meta["sampler"] = i
         return ep
-
-
-def worker_seed(seed: int, rank: int = 0, worker_id: int = 0) -> np.random.SeedSequence:
-    """The seed sequence of one (rank, DataLoader worker): a hash of ``(seed, rank, worker_id)``."""
-    return np.random.SeedSequence([int(seed), int(rank), int(worker_id)])
-
-
-_STREAM_CLASS: Optional[type] = None
-
-
-def _episode_stream_class() -> type:
-    """Build ``EpisodeStream`` (a torch ``IterableDataset``) on first use, so importing this module skips torch."""
-    global _STREAM_CLASS
-    if _STREAM_CLASS is not None:
-        return _STREAM_CLASS
-    from torch.utils.data import IterableDataset, get_worker_info
-
-    class EpisodeStream(IterableDataset):
-        """Endless (or ``n_episodes``-long) stream of episodes for ``DataLoader(stream, batch_size=None, ...)``.
-
-        Each iterator builds its own sampler with ``sampler_factory(rng)``, where ``rng`` is seeded with
-        :func:`worker_seed` ``(seed, rank, worker_id)``: workers and ranks draw different but reproducible
-        episodes. With ``n_episodes`` the total is split across workers (the first ones take the remainder).
-        Use ``collate_fn=lambda x: x`` (or ``batch_size=None``) to receive ``Episode`` objects unchanged.
-        """
-
-        def __init__(self, sampler_factory: Callable[[np.random.Generator], Any], seed: int, rank: int = 0,
-                     n_episodes: Optional[int] = None) -> None:
-            super().__init__()
-            self.sampler_factory = sampler_factory
-            self.seed, self.rank = int(seed), int(rank)
-            self.n_episodes = None if n_episodes is None else int(n_episodes)
-
-        def __iter__(self):
-            info = get_worker_info()
-            wid, nw = (0, 1) if info is None else (int(info.id), int(info.num_workers))
-            rng = np.random.default_rng(worker_seed(self.seed, self.rank, wid))
-            sampler = self.sampler_factory(rng)
-            if self.n_episodes is None:
-                while True:
-                    yield sampler.sample()
-            base, extra = divmod(self.n_episodes, nw)
-            for _ in range(base + (1 if wid < extra else 0)):
-                yield sampler.sample()
-
-    EpisodeStream.__module__ = __name__
-    EpisodeStream.__qualname__ = "EpisodeStream"
-    _STREAM_CLASS = EpisodeStream
-    return EpisodeStream
-
-
-def __getattr__(name: str) -> Any:
-    if name == "EpisodeStream":
-        return _episode_stream_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,13 +36,13 @@ RANK_SCRIPT = textwrap.dedent('''
     import torch.distributed as dist
 
     from fewshot_proto.config import load_config
-    from fewshot_proto.engine import train, trainer
+    from fewshot_proto.engine import episodic, train
     from fewshot_proto.train import init_distributed
 
     cfg_path, out = sys.argv[1], sys.argv[2]
     seen = []
     initial = {}
-    real = trainer.episode_losses
+    real = episodic.episode_losses
 
     def recording(model, s_img, s_mask, q_img, q_mask, **kw):
         if not initial:  # the weights before the first update
@@ -52,7 +52,7 @@ RANK_SCRIPT = textwrap.dedent('''
         seen.append([float(s_img.double().sum()), float(s_mask.double().sum()), float(q_img.double().sum())])
         return real(model, s_img, s_mask, q_img, q_mask, **kw)
 
-    trainer.episode_losses = recording
+    episodic.episode_losses = recording
     cfg = load_config(cfg_path)
     rank, world = init_distributed(cfg.train.device)
     cfg.train.out = f"{out}/rank{rank}"  # one folder per rank: shows which rank wrote what

@@ -1,11 +1,11 @@
-"""The engine's episodic loss (``engine.trainer.episode_losses``): which terms it computes and how it sums them."""
+"""The engine's episodic loss (``engine.episodic.episode_losses``): which terms it computes and how it sums them."""
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from fewshot_proto.engine.trainer import episode_losses
+from fewshot_proto.engine.episodic import episode_losses
 from fewshot_proto.types import SegOutput
 
 

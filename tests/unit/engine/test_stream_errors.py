@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fewshot_proto.engine.trainer import EpisodeSource
+from fewshot_proto.engine.stream import EpisodeSource
 from fewshot_proto.errors import DataError
 
 

@@ -33,7 +33,8 @@ def _equal(a: SegTask, b: SegTask) -> bool:
 
 
 def test_tasks_are_deterministic_typed_and_the_trainers_episodes(phantoms):
-    from fewshot_proto.engine.trainer import EpisodeSource, build_training_sampler, episode_to_tensors
+    from fewshot_proto.engine.episodic import build_training_sampler
+    from fewshot_proto.engine.stream import EpisodeSource, episode_to_tensors
     from fewshot_proto.episodes.protocol import fold_split
 
     cfg = _cfg()

@@ -7,12 +7,7 @@ import pytest
 from fewshot_proto.data.dataset import InMemoryDataset
 from fewshot_proto.episodes.materialise import load_query, load_support
 from fewshot_proto.episodes.protocol import build_eval_episodes, training_slices
-from fewshot_proto.episodes.sampler import (
-    LabelledEpisodeSampler,
-    MixedSampler,
-    SuperpixelEpisodeSampler,
-    worker_seed,
-)
+from fewshot_proto.episodes.sampler import LabelledEpisodeSampler, MixedSampler, SuperpixelEpisodeSampler
 from fewshot_proto.errors import ProtocolError
 from fewshot_proto.types import Volume
 
@@ -139,32 +134,6 @@ def test_superpixel_sampler(ds):
     np.testing.assert_array_equal(x.query_img, y.query_img)
     with pytest.raises(ProtocolError, match="no allowed slice"):
         SuperpixelEpisodeSampler(ds, ds.ids, {}, size=S, rng=np.random.default_rng(0))
-
-
-def test_worker_seeds_differ_and_repeat():
-    a = np.random.default_rng(worker_seed(3, 0, 0)).integers(1 << 30, size=4)
-    b = np.random.default_rng(worker_seed(3, 0, 1)).integers(1 << 30, size=4)
-    c = np.random.default_rng(worker_seed(3, 1, 0)).integers(1 << 30, size=4)
-    d = np.random.default_rng(worker_seed(3, 0, 0)).integers(1 << 30, size=4)
-    assert not np.array_equal(a, b) and not np.array_equal(a, c)
-    np.testing.assert_array_equal(a, d)
-
-
-def test_episode_stream_iterates(ds):
-    from fewshot_proto.episodes import sampler as mod
-
-    def factory(rng):
-        return LabelledEpisodeSampler(ds, ds.slice_index(), ds.ids, [1, 4], setting=2, test_classes=[2, 3], size=S,
-                                      augment=False, rng=rng)
-
-    stream = mod.EpisodeStream(factory, seed=7, n_episodes=3)
-    eps = list(stream)
-    assert len(eps) == 3
-    again = list(stream)
-    assert [e.meta for e in eps] == [e.meta for e in again]
-    from torch.utils.data import IterableDataset
-
-    assert isinstance(stream, IterableDataset)
 
 
 def test_materialise_support_and_query(ds):
