@@ -8,7 +8,7 @@ Public API (lazy):
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["__version__", "build_model", "list_models", "Volume", "SliceIndex", "Episode", "SegOutput"]
 

@@ -202,14 +202,18 @@ class Episode:
 
 @dataclass
 class SegOutput:
-    """What every model's ``forward`` returns.
+    """What every model's ``forward`` returns (``fewshot_proto.models.base``).
 
     Attributes:
         logits: ``[Q, K, H, W]`` raw scores (K = 2 for binary few-shot: background, foreground).
-        aux: named intermediate tensors the engine's losses may need, never losses themselves. Conventions:
-            ``"query_feat"`` ``[Q, D, h, w]`` and ``"support_feat"`` ``[S, D, h, w]`` (bottleneck features used
-            by the prototype alignment loss), ``"prototypes"`` ``[N_pro, D]``.
+        support_feats: the model's ``encode`` pyramid of the support, fine to coarse (``[S, D, h, w]`` last), or
+            ``None`` for a model whose outputs carry no features (supervised, adapt-then-segment).
+        query_feats: the same for the query (``[Q, D, h, w]`` last). The alignment loss pools the last maps; the
+            cyclic loss reuses both pyramids instead of re-encoding.
+        prototypes: what the model's ``prototypes`` returned for the support (its own type), or ``None``.
     """
 
     logits: "torch.Tensor"
-    aux: Dict[str, Any] = field(default_factory=dict)
+    support_feats: Optional[List["torch.Tensor"]] = None
+    query_feats: Optional[List["torch.Tensor"]] = None
+    prototypes: Any = None

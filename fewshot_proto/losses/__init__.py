@@ -2,12 +2,12 @@
 
 * ``weighted_cross_entropy`` / ``WeightedCrossEntropyLoss``          (ce.py)
 * ``dice_loss`` / ``DiceLoss``, ``dice_bce_loss`` / ``DiceBCELoss``   (dice.py)
-* ``alignment_loss`` / ``AlignmentLoss`` (PANet PAR), ``masked_average_pool``   (alignment.py)
+* ``alignment_loss`` / ``AlignmentLoss`` (PANet PAR)                (alignment.py)
 * ``cyclic_consistency_loss`` / ``CyclicConsistencyLoss``           (cyclic.py)
 """
 from __future__ import annotations
 
-from fewshot_proto.losses.alignment import AlignmentLoss, alignment_loss, cosine_logits, masked_average_pool
+from fewshot_proto.losses.alignment import AlignmentLoss, alignment_loss
 from fewshot_proto.losses.ce import WeightedCrossEntropyLoss, weighted_cross_entropy
 from fewshot_proto.losses.cyclic import CyclicConsistencyLoss, cyclic_consistency_loss
 from fewshot_proto.losses.dice import DiceBCELoss, DiceLoss, dice_bce_loss, dice_loss
@@ -21,8 +21,6 @@ __all__ = [
     "DiceBCELoss",
     "alignment_loss",
     "AlignmentLoss",
-    "masked_average_pool",
-    "cosine_logits",
     "cyclic_consistency_loss",
     "CyclicConsistencyLoss",
 ]

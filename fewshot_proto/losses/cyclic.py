@@ -2,37 +2,28 @@
 
 The model has segmented the query from the support. Run it backwards: the query image with its predicted *soft*
 foreground probability becomes the support, the support image becomes the query; the reconstructed support
-prediction must match the real support mask. The model is only used through its step methods (``encode``,
-``prototypes``, ``segment``), so this module does not import ``fewshot_proto.models``; already computed encoder
-features are reused when given (no second encoder pass).
+prediction must match the real support mask. The model is used through its ``FewShotSegmenter`` steps
+(``encode``, ``prototypes``, ``segment``; ``fewshot_proto.models.base``); already computed encoder features are
+reused when given (no second encoder pass).
 
 Shape letters: S support slices, Q query slices, K = 2 classes, (H, W) input size.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Protocol
+from typing import List, Optional
 
 import torch
 from torch import nn
 
 from fewshot_proto.losses.ce import weighted_cross_entropy
 from fewshot_proto.losses.dice import dice_loss
+from fewshot_proto.models.base import FewShotSegmenter
 
-__all__ = ["StepwiseFewShotModel", "cyclic_consistency_loss", "CyclicConsistencyLoss"]
-
-
-class StepwiseFewShotModel(Protocol):
-    """What ``cyclic_consistency_loss`` needs from a model (``CWPAUNet`` provides it)."""
-
-    def encode(self, x: torch.Tensor) -> List[torch.Tensor]: ...
-
-    def prototypes(self, support_feats: List[torch.Tensor], support_mask: torch.Tensor) -> torch.Tensor: ...
-
-    def segment(self, query_feats: List[torch.Tensor], prototypes: torch.Tensor) -> torch.Tensor: ...
+__all__ = ["cyclic_consistency_loss", "CyclicConsistencyLoss"]
 
 
 def cyclic_consistency_loss(
-    model: StepwiseFewShotModel,
+    model: FewShotSegmenter,
     support_img: torch.Tensor,
     support_mask: torch.Tensor,
     query_img: torch.Tensor,
@@ -46,14 +37,14 @@ def cyclic_consistency_loss(
     """CE (plus optionally Dice) of the support reconstructed from the query's own prediction.
 
     Args:
-        model: a few-shot model with ``encode``/``prototypes``/``segment``.
+        model: a ``FewShotSegmenter`` whose ``feature_losses`` is true.
         support_img: ``[S, C, H, W]`` (only encoded when ``support_feats`` is None).
         support_mask: ``[S, H, W]`` real support mask (> 0.5 is foreground).
         query_img: ``[Q, C, H, W]`` (only encoded when ``query_feats`` is None).
         query_logits: ``[Q, 2, H, W]`` the forward prediction; its softmax foreground probability ``[Q, H, W]``
             is the reversed support mask.
-        query_feats: the query's encoder pyramid from the forward pass (``SegOutput.aux["query_feats"]``).
-        support_feats: the support's encoder pyramid (``SegOutput.aux["support_feats"]``).
+        query_feats: the query's encoder pyramid from the forward pass (``SegOutput.query_feats``).
+        support_feats: the support's encoder pyramid (``SegOutput.support_feats``).
         dice_weight: adds ``dice_weight * dice_loss`` (foreground channel) to the CE.
         detach_query_mask: stop gradients through the soft query mask (by default they flow into the forward
             prediction, through the masked-average fallback of the prototype bag).
@@ -101,7 +92,7 @@ class CyclicConsistencyLoss(nn.Module):
 
     def forward(
         self,
-        model: StepwiseFewShotModel,
+        model: FewShotSegmenter,
         support_img: torch.Tensor,
         support_mask: torch.Tensor,
         query_img: torch.Tensor,

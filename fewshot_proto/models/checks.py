@@ -1,11 +1,13 @@
-"""Checks shared by the models: episode inputs of ``forward`` and constructor arguments."""
+"""Checks shared by the models: episode inputs of ``forward``, input sizes and constructor arguments."""
 from __future__ import annotations
 
-from typing import Any
+import numbers
+from typing import Any, List, Optional, Sequence
 
 import torch
 
-__all__ = ["check_episode", "check_positive_int", "check_positive_number", "check_rate"]
+__all__ = ["OUT_MODES", "check_classes", "check_episode", "check_feat_mask", "check_positive_int", "check_positive_number", "check_rate",
+           "nearest_valid_size"]
 
 
 def check_positive_int(name: str, value: Any, model: str) -> int:
@@ -51,4 +53,46 @@ def check_episode(who: str, support_img: torch.Tensor, support_mask: torch.Tenso
         raise ValueError(
             f"{who}: support_mask {tuple(support_mask.shape)} does not match support_img "
             f"{tuple(support_img.shape)} (expected [S,H,W])"
+        )
+
+
+OUT_MODES = ("sigmoid", "softmax")
+
+
+def nearest_valid_size(n: int, stride: int) -> int:
+    """The multiple of ``stride`` closest to ``n`` (ties go up; never below ``stride``)."""
+    lower = (n // stride) * stride
+    upper = lower + stride
+    best = upper if (n - lower) >= (upper - n) else lower
+    return max(stride, best)
+
+
+def check_classes(classes: Any, model: str) -> Optional[List[int]]:
+    """Return ``classes`` as a list of distinct non-zero ints (label values), or ``None``; else ``ValueError``."""
+    if classes is None:
+        return None
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence) or len(classes) == 0:
+        raise ValueError(f"{model}: classes must be None or a non-empty list of label values, got {classes!r}")
+    out = []
+    for c in classes:
+        if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c == 0:
+            raise ValueError(
+                f"{model}: classes must be non-zero integer label values (0 is background), got {classes!r}"
+            )
+        out.append(int(c))
+    if len(set(out)) != len(out):
+        raise ValueError(f"{model}: classes must be distinct, got {classes!r}")
+    return out
+
+
+def check_feat_mask(feat: torch.Tensor, mask: torch.Tensor, who: str) -> None:
+    """Raise ``ValueError`` unless ``feat`` is ``[S, D, h, w]`` and ``mask`` ``[S, H, W]`` with ``H >= h``, ``W >= w``."""
+    if feat.ndim != 4 or mask.ndim != 3 or feat.shape[0] != mask.shape[0]:
+        raise ValueError(
+            f"{who}: expected features [S,D,h,w] and mask [S,H,W] with the same S, "
+            f"got {tuple(feat.shape)} and {tuple(mask.shape)}"
+        )
+    if mask.shape[-2] < feat.shape[-2] or mask.shape[-1] < feat.shape[-1]:
+        raise ValueError(
+            f"{who}: mask {tuple(mask.shape[-2:])} is smaller than the feature map {tuple(feat.shape[-2:])}"
         )

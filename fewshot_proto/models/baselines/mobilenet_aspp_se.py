@@ -58,13 +58,9 @@ import torch
 from torch import nn
 
 from fewshot_proto.errors import CheckpointError
-from fewshot_proto.models.baselines.common import (
-    SEBlock,
-    SegHead,
-    SupervisedSegmenter,
-    check_positive_int,
-    check_rate,
-)
+from fewshot_proto.models.base import SupervisedSegmenter
+from fewshot_proto.models.baselines.common import SEBlock, SegHead
+from fewshot_proto.models.checks import check_positive_int, check_rate
 
 __all__ = [
     "MobileNetASPPSEUNet",
@@ -300,20 +296,6 @@ class MobileNetASPPSEUNet(SupervisedSegmenter):
             check_positive_int("decoder_channels[*]", c, name)
         if freeze_encoder is None:
             freeze_encoder = weights is not None
-        self.config: Dict[str, Any] = dict(
-            in_channels=in_channels,
-            weights=None if weights is None else str(weights),
-            freeze_encoder=bool(freeze_encoder),
-            stem_channels=stem_channels,
-            aspp_channels=aspp_channels,
-            aspp_out_channels=aspp_out_channels,
-            aspp_rates=rates,
-            aspp_dropout=aspp_dropout,
-            se_reduction=se_reduction,
-            decoder_channels=dec,
-            out_mode=out_mode,
-            classes=classes,
-        )
         self.in_channels = in_channels
         self.total_stride = 32
 
@@ -340,6 +322,10 @@ class MobileNetASPPSEUNet(SupervisedSegmenter):
     def _out_channels(block: nn.Module) -> int:
         convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
         return int(convs[-1].out_channels)
+
+    def _resolve_config(self, config: Dict[str, Any]) -> Dict[str, Any]:
+        """``freeze_encoder=None`` is recorded as what it resolved to (frozen iff weights were given)."""
+        return dict(config, freeze_encoder=self.encoder_frozen)
 
     @staticmethod
     def _build_encoder(in_channels: int, weights: WeightsArg) -> nn.Sequential:

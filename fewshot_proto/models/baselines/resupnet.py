@@ -27,17 +27,14 @@ FLAIR). ``base_channels`` scales the width (level i has ``base_channels * 2**i``
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from fewshot_proto.models.baselines.common import (
-    SegHead,
-    SupervisedSegmenter,
-    check_positive_int,
-    check_rate,
-)
+from fewshot_proto.models.base import SupervisedSegmenter
+from fewshot_proto.models.baselines.common import SegHead
+from fewshot_proto.models.checks import check_positive_int, check_rate
 
 __all__ = ["ResUpNet", "ResidualBlock", "UpConvBlock", "StridedPointwiseConv"]
 
@@ -150,9 +147,6 @@ class ResUpNet(SupervisedSegmenter):
         check_positive_int("in_channels", in_channels, "ResUpNet")
         check_positive_int("base_channels", base_channels, "ResUpNet")
         dropout = check_rate("dropout", dropout, "ResUpNet")
-        self.config: Dict[str, Any] = dict(
-            in_channels=in_channels, base_channels=base_channels, dropout=dropout, out_mode=out_mode, classes=classes
-        )
         self.in_channels = in_channels
         self.total_stride = 16
 

@@ -29,17 +29,14 @@ returned as logits ``[0, z]``); see ``fewshot_proto.models.baselines.common``.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from fewshot_proto.models.baselines.common import (
-    SegHead,
-    SupervisedSegmenter,
-    check_positive_int,
-    check_rate,
-)
+from fewshot_proto.models.base import SupervisedSegmenter
+from fewshot_proto.models.baselines.common import SegHead
+from fewshot_proto.models.checks import check_positive_int, check_rate
 
 __all__ = ["UNet", "DoubleConv"]
 
@@ -100,15 +97,6 @@ class UNet(SupervisedSegmenter):
         check_positive_int("base_channels", base_channels, "UNet")
         check_positive_int("depth", depth, "UNet")
         dropout = check_rate("dropout", dropout, "UNet")
-        self.config: Dict[str, Any] = dict(
-            in_channels=in_channels,
-            base_channels=base_channels,
-            depth=depth,
-            batch_norm=bool(batch_norm),
-            dropout=dropout,
-            out_mode=out_mode,
-            classes=classes,
-        )
         self.in_channels = in_channels
         self.total_stride = 2**depth
 

@@ -14,24 +14,21 @@ the encoder accepts works (every feature map then has exactly half the size of t
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ConvBNReLU", "DecoderStage", "UNetDecoder"]
 
 
 class ConvBNReLU(nn.Sequential):
-    """3x3 conv (no bias) -> BatchNorm (or GroupNorm with ``norm="group"``) -> ReLU, same padding."""
+    """3x3 conv (no bias) -> BatchNorm -> ReLU, same padding."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch") -> None:
-        from fewshot_proto.models.encoders.resnet import norm_layer
-
+    def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(
             nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-            norm_layer(norm)(out_channels),
+            nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
         )
 
@@ -39,10 +36,10 @@ class ConvBNReLU(nn.Sequential):
 class DecoderStage(nn.Module):
     """``cat(x, skip)`` -> (Conv-BN-ReLU) x2 -> ``out_channels`` -> 2x2 stride-2 transposed conv (x2 size)."""
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, norm: str = "batch") -> None:
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
         super().__init__()
         self.convs = nn.Sequential(
-            ConvBNReLU(in_channels + skip_channels, out_channels, norm), ConvBNReLU(out_channels, out_channels, norm)
+            ConvBNReLU(in_channels + skip_channels, out_channels), ConvBNReLU(out_channels, out_channels)
         )
         self.up = nn.ConvTranspose2d(out_channels, out_channels, kernel_size=2, stride=2)
 
@@ -65,10 +62,6 @@ class UNetDecoder(nn.Module):
         in_channels: channels of the bottleneck tensor given to ``forward`` (1024 for CWPA-enhanced F5).
         num_classes: K output channels.
         decoder_channels: output channels of each stage, coarse to fine (one per skip).
-        norm: ``"batch"`` or ``"group"`` normalisation in every Conv-Norm-ReLU.
-        guide_channels: channels of an optional coarse guide map (``CWPAUNet``'s prototype-head probability)
-            that ``forward(..., guide=)`` resizes bilinearly and concatenates to the input of every stage
-            (0: no guide).
     """
 
     def __init__(
@@ -77,8 +70,6 @@ class UNetDecoder(nn.Module):
         in_channels: int = 1024,
         num_classes: int = 2,
         decoder_channels: Sequence[int] = (256, 128, 64, 64),
-        norm: str = "batch",
-        guide_channels: int = 0,
     ) -> None:
         super().__init__()
         skips = list(encoder_channels[:-1])[::-1]  # coarse to fine: F4, F3, F2, F1
@@ -92,43 +83,26 @@ class UNetDecoder(nn.Module):
         self.encoder_channels: Tuple[int, ...] = tuple(int(c) for c in encoder_channels)
         self.in_channels = int(in_channels)
         self.num_classes = int(num_classes)
-        if guide_channels < 0:
-            raise ValueError(f"UNetDecoder: guide_channels must be >= 0, got {guide_channels}")
-        self.guide_channels = int(guide_channels)
         stages = []
         prev = self.in_channels
         for skip_ch, out_ch in zip(skips, decoder_channels):
-            stages.append(DecoderStage(prev + self.guide_channels, skip_ch, int(out_ch), norm))
+            stages.append(DecoderStage(prev, skip_ch, int(out_ch)))
             prev = int(out_ch)
         self.stages = nn.ModuleList(stages)
         self.head = nn.Conv2d(prev, self.num_classes, kernel_size=1)
 
-    def forward(self, x: torch.Tensor, skips: List[torch.Tensor], guide: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skips: List[torch.Tensor]) -> torch.Tensor:
         """Decode.
 
         Args:
             x: ``[B, in_channels, h, w]`` bottleneck (at the resolution of the coarsest skip).
             skips: encoder features fine to coarse without the bottleneck, e.g. ``[F1, F2, F3, F4]``.
-            guide: ``[B, guide_channels, h', w']`` at any resolution; required exactly when
-                ``guide_channels > 0``.
 
         Returns:
             ``[B, K, 2^n h, 2^n w]`` logits, n = number of skips (the input size for the ResNet-34 encoder).
         """
         if len(skips) != len(self.stages):
             raise ValueError(f"UNetDecoder: expected {len(self.stages)} skip features, got {len(skips)}")
-        if (guide is None) != (self.guide_channels == 0):
-            raise ValueError(
-                f"UNetDecoder: built with guide_channels={self.guide_channels}, "
-                f"{'got no guide' if guide is None else 'got a guide ' + str(tuple(guide.shape))}"
-            )
-        if guide is not None and (guide.ndim != 4 or guide.shape[:2] != (x.shape[0], self.guide_channels)):
-            raise ValueError(
-                f"UNetDecoder: guide must be [B={x.shape[0]}, {self.guide_channels}, h, w], got {tuple(guide.shape)}"
-            )
         for stage, skip in zip(self.stages, reversed(skips)):
-            if guide is not None:
-                g = F.interpolate(guide.to(x.dtype), size=x.shape[-2:], mode="bilinear", align_corners=False)
-                x = torch.cat([x, g], dim=1)
             x = stage(x, skip)
         return self.head(x)

@@ -14,7 +14,8 @@ An *encoder* is an ``nn.Module`` that turns an image batch into a pyramid of fea
   ``check_input_shape(x)`` raises ``ValueError`` naming the nearest valid sizes otherwise.
 * Pretrained weights are keyword-only and off by default (``weights=None``); an encoder never downloads.
 
-Encoders are registered by name in ``ENCODERS`` and built with ``build_encoder(name, **kwargs)``.
+Encoders are registered by name in ``ENCODERS`` (from the table ``ENCODER_ZOO``, on first use: importing a module
+registers nothing) and built with ``build_encoder(name, **kwargs)``.
 
 Example (ResNet-34 with a dilated last stage, 256x256 input)::
 
@@ -25,6 +26,7 @@ Example (ResNet-34 with a dilated last stage, 256x256 input)::
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any, List, Tuple
 
 import torch
@@ -32,9 +34,14 @@ from torch import nn
 
 from fewshot_proto.registry import Registry
 
-__all__ = ["ENCODERS", "Encoder", "build_encoder", "nearest_valid_sizes"]
+__all__ = ["ENCODERS", "ENCODER_ZOO", "Encoder", "build_encoder", "nearest_valid_sizes"]
 
 ENCODERS = Registry("encoder")
+
+#: name -> (module, class) of every encoder fewshot_proto ships
+ENCODER_ZOO: Tuple[Tuple[str, str, str], ...] = (
+    ("resnet34", "fewshot_proto.models.encoders.resnet", "ResNet34Encoder"),
+)
 
 
 def nearest_valid_sizes(size: int, multiple: int) -> Tuple[int, int]:
@@ -90,7 +97,7 @@ class Encoder(nn.Module):
 
 def build_encoder(name: str, **kwargs: Any) -> Encoder:
     """Build a registered encoder; an unknown name raises ``KeyError`` listing the valid names."""
-    # Encoder implementations register themselves on import.
-    from fewshot_proto.models.encoders import resnet  # noqa: F401
-
+    for key, module, cls_name in ENCODER_ZOO:
+        if key not in ENCODERS:
+            ENCODERS.add(key, getattr(importlib.import_module(module), cls_name))
     return ENCODERS.build(name, **kwargs)

@@ -14,15 +14,13 @@ dilation 2 and padding 2 (the receptive field keeps growing while the resolution
 """
 from __future__ import annotations
 
-import math
-
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-from fewshot_proto.models.encoders.base import ENCODERS, Encoder
+from fewshot_proto.models.encoders.base import Encoder
 
 __all__ = ["ResNet34Encoder", "IMAGENET_FILENAME", "imagenet_weights_path"]
 
@@ -57,8 +55,6 @@ class ResNet34Encoder(Encoder):
             local torch hub cache only, never downloaded) or a path to a ``state_dict`` file (a torchvision
             ResNet-34 or this encoder; ``fc.*`` keys are ignored), read with ``weights_only=True``.
         dilate_last: make ``layer4`` stride 1 / dilation 2 (output stride 16 instead of 32).
-        norm: ``"batch"`` (torchvision's BatchNorm, required for ImageNet weights) or ``"group"`` (GroupNorm with
-            32 groups: independent of the batch, which in episodic training is one support + one query).
 
     Raises:
         FileNotFoundError: ``weights="imagenet"`` and the checkpoint is not in the hub cache, or the path is missing.
@@ -70,7 +66,6 @@ class ResNet34Encoder(Encoder):
         in_channels: int = 3,
         weights: Union[None, str, Path] = None,
         dilate_last: bool = True,
-        norm: str = "batch",
     ) -> None:
         super().__init__()
         from torchvision.models import resnet34
@@ -82,13 +77,7 @@ class ResNet34Encoder(Encoder):
         self.out_channels = (64, 64, 128, 256, 512)
         self.reductions = (2, 4, 8, 16, 16) if self.dilate_last else (2, 4, 8, 16, 32)
 
-        if norm not in ("batch", "group"):
-            raise ValueError(f"ResNet34Encoder: norm must be 'batch' or 'group', got {norm!r}")
-        if norm == "group" and weights is not None:
-            raise ValueError("ResNet34Encoder: pretrained weights carry BatchNorm statistics; use norm='batch' "
-                             "with weights, or norm='group' with weights=None")
-        self.norm = norm
-        net = resnet34(weights=None, norm_layer=norm_layer(norm))
+        net = resnet34(weights=None)
         state = self._read_weights(weights)
         rgb_conv1 = net.conv1
         if self.in_channels != 3:
@@ -163,20 +152,3 @@ class ResNet34Encoder(Encoder):
         f4 = self.layer3(f3)
         f5 = self.layer4(f4)
         return [f1, f2, f3, f4, f5]
-
-
-@ENCODERS.register("resnet34")
-def resnet34_encoder(
-    *, in_channels: int = 3, weights: Union[None, str, Path] = None, dilate_last: bool = True, norm: str = "batch"
-) -> ResNet34Encoder:
-    """Registered builder for ``ResNet34Encoder``."""
-    return ResNet34Encoder(in_channels=in_channels, weights=weights, dilate_last=dilate_last, norm=norm)
-
-
-def norm_layer(norm: str):
-    """Normalisation layer factory for ``norm`` in {"batch", "group"} (GroupNorm: 32 groups, or fewer when needed)."""
-    if norm == "batch":
-        return nn.BatchNorm2d
-    if norm == "group":
-        return lambda c: nn.GroupNorm(math.gcd(32, int(c)), int(c))
-    raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")

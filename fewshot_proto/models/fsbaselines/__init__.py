@@ -1,8 +1,8 @@
-"""The field's reference few-shot methods (issue 4, items 3-4): prototype methods on the shared ResNet-34 encoder,
-fine-tune-on-support and first-order MAML on a U-Net.
+"""The field's reference few-shot methods: prototype methods on the shared ResNet-34 encoder, fine-tune-on-support
+and first-order MAML on a U-Net.
 
-Registered in ``fewshot_proto.models.MODELS`` (builder kwargs = the classes' keyword arguments, kept in
-``model.config``):
+Registered in ``fewshot_proto.models.MODELS`` by ``models/__init__.py`` (importing this package registers nothing;
+builder kwargs = the classes' keyword arguments, kept in ``model.config``):
 
     ================  =====================  ===============================================================
     name              class                  method
@@ -18,36 +18,31 @@ Registered in ``fewshot_proto.models.MODELS`` (builder kwargs = the classes' key
                                              adapted on the support of every episode (needs learn2learn)
     ================  =====================  ===============================================================
 
-PANet and ALPNet expose the step methods ``encode`` / ``prototypes`` / ``segment`` (the evaluator's fast path and
-the engine's cyclic loss use them; ``prototypes`` returns a ``ClassPrototypes(bg, fg)`` bundle that ``segment``
-accepts). ``FineTuneOnSupport`` and ``MAMLSegmenter`` only have ``forward`` and say ``supports_cyclic = False``.
-learn2learn is optional: this package imports without it; building ``"maml_unet"`` without it raises
-``Learn2LearnMissing`` (an ``ImportError``) whose message gives the install recipe.
+PANet and ALPNet are ``PrototypeSegmenter``s (``prototypes`` returns a ``ClassPrototypes(bg, fg)`` bundle);
+``FineTuneOnSupport`` and ``MAMLSegmenter`` are ``AdaptingSegmenter``s (``prototypes`` returns the adapted network;
+no feature losses). learn2learn is optional: this package imports without it; building ``"maml_unet"`` without it
+raises ``Learn2LearnMissing`` (an ``ImportError``) whose message gives the install recipe.
 """
 from __future__ import annotations
 
-from fewshot_proto.models.fsbaselines.alpnet import ALPNet, alpnet_prototypes, local_prototypes, mask_fraction
-from fewshot_proto.models.fsbaselines.common import (ADAPTATION_LOSSES, AdaptationCache, ClassPrototypes,
-                                                    PrototypeSegmenter, adaptation_loss, class_score)
+from fewshot_proto.models.fsbaselines.alpnet import ALPNet
+from fewshot_proto.models.fsbaselines.common import (ADAPTATION_LOSSES, AdaptationCache, Adapted, AdaptingSegmenter,
+                                                    PrototypeSegmenter, adaptation_loss)
 from fewshot_proto.models.fsbaselines.finetune import FineTuneOnSupport, read_base_checkpoint
 from fewshot_proto.models.fsbaselines.maml import Learn2LearnMissing, MAMLSegmenter
-from fewshot_proto.models.fsbaselines.panet import PANet, panet_prototypes
+from fewshot_proto.models.fsbaselines.panet import PANet
 
 __all__ = [
     "ADAPTATION_LOSSES",
     "AdaptationCache",
-    "adaptation_loss",
+    "Adapted",
+    "AdaptingSegmenter",
     "ALPNet",
-    "ClassPrototypes",
     "FineTuneOnSupport",
     "Learn2LearnMissing",
     "MAMLSegmenter",
     "PANet",
     "PrototypeSegmenter",
-    "alpnet_prototypes",
-    "class_score",
-    "local_prototypes",
-    "mask_fraction",
-    "panet_prototypes",
+    "adaptation_loss",
     "read_base_checkpoint",
 ]

@@ -17,7 +17,7 @@ Adaptive local prototype pooling (SSL-ALPNet ``alpmodule.MultiProtoAsConv`` and 
    (SSL-ALPNet's ``gridconv+``); otherwise the single global prototype averaged over the slices (``mask`` mode,
    i.e. PANet). Background bag: the local background prototypes only (SSL-ALPNet's ``gridconv``).
 6. Score of each class: ``sum_j softmax_j(d) d_j`` with ``d_j = 20 cos(f_q, P_j)`` over the class's prototypes,
-   at feature resolution, upsampled bilinearly to the input size (``common.class_score``).
+   at feature resolution, upsampled bilinearly to the input size (``heads.scores.class_score``).
 
 Window sizes (adapted to stride 16). SSL-ALPNet works on 32x32 features (stride 8, 256 input) and pools with 4x4
 windows in training and 2x2 windows at test time (``val_wsize=2``): windows of 32x32 and 16x16 *pixels*. On our
@@ -49,90 +49,13 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 import torch
-import torch.nn.functional as F
 
-from fewshot_proto.models import MODELS
 from fewshot_proto.models.checks import check_positive_int, check_rate
-from fewshot_proto.models.fsbaselines.common import ClassPrototypes, PrototypeSegmenter
+from fewshot_proto.models.fsbaselines.common import PrototypeSegmenter
+from fewshot_proto.models.heads.alp import alpnet_prototypes
+from fewshot_proto.models.heads.scores import SCALER, ClassPrototypes
 
-__all__ = ["ALPNet", "mask_fraction", "local_prototypes", "alpnet_prototypes", "alpnet"]
-
-
-def mask_fraction(mask: torch.Tensor, size: tuple) -> torch.Tensor:
-    """``mask[S, H, W]`` -> ``frac[S, 1, h, w]``: the mean mask value of the pixels of every feature cell."""
-    return F.adaptive_avg_pool2d(mask.float().unsqueeze(1), (int(size[0]), int(size[1])))
-
-
-def local_prototypes(feat: torch.Tensor, frac: torch.Tensor, window: int, thresh: float) -> torch.Tensor:
-    """Window-pooled feature vectors of the windows whose pooled ``frac`` is strictly above ``thresh``.
-
-    Args:
-        feat: ``[S, D, h, w]``.
-        frac: ``[S, 1, h, w]`` per-cell class fraction (``mask_fraction``).
-        window: ``L``: non-overlapping ``L x L`` windows (stride ``L``; trailing cells that do not fill a window
-            are dropped, as ``nn.AvgPool2d`` does in SSL-ALPNet).
-        thresh: selection threshold on the pooled fraction.
-
-    Returns:
-        ``[N, D]`` (``N`` may be 0), slice by slice in row-major window order.
-    """
-    h, w = int(feat.shape[-2]), int(feat.shape[-1])
-    if window > h or window > w:
-        raise ValueError(
-            f"local_prototypes: pooling window {window} does not fit the {h}x{w} feature map; "
-            f"use larger inputs or a smaller window"
-        )
-    pf = F.avg_pool2d(feat, window)  # [S, D, h', w']
-    pm = F.avg_pool2d(frac, window)[:, 0]  # [S, h', w']
-    return pf.permute(0, 2, 3, 1)[pm > thresh]
-
-
-def _global(feat: torch.Tensor, frac: torch.Tensor, eps: float) -> tuple:
-    """Per-slice masked averages ``[S, D]`` and mask sums ``[S]``."""
-    den = frac.sum(dim=(1, 2, 3))  # [S]
-    num = torch.einsum("sdhw,shw->sd", feat, frac[:, 0].to(feat.dtype))
-    return num / (den + eps).to(num.dtype)[:, None], den
-
-
-def alpnet_prototypes(
-    feat: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    window: int,
-    gate_window: int,
-    fg_thresh: float = 0.95,
-    bg_thresh: float = 0.95,
-    eps: float = 1e-5,
-) -> ClassPrototypes:
-    """ALPNet's background and foreground prototype bags (steps 2-5 of the module docstring).
-
-    Args:
-        feat: ``[S, D, h, w]`` support features.
-        mask: ``[S, H, W]`` foreground mask (binary or soft), H and W multiples of h and w.
-        window: local pooling window in feature cells.
-        gate_window: window of the foreground gate (SSL-ALPNet: the training window, also at test time).
-        fg_thresh: selection threshold of local foreground windows (and of the gate).
-        bg_thresh: selection threshold of local background windows.
-        eps: added to the mask sums of the global prototypes.
-
-    Returns:
-        ``ClassPrototypes(bg[N_bg, D], fg[N_fg, D])`` with ``N_bg, N_fg >= 1``.
-    """
-    frac = mask_fraction(mask, feat.shape[-2:])  # [S, 1, h, w]
-    g_fg, den_fg = _global(feat, frac, eps)
-    # the gate window is clamped to the feature map (tiny inputs); the local windows are not (they raise)
-    gate_w = min(int(gate_window), int(feat.shape[-2]), int(feat.shape[-1]))
-    gate = bool((F.avg_pool2d(frac, gate_w).amax() >= fg_thresh).item())
-    if gate:
-        local_fg = local_prototypes(feat, frac, window, fg_thresh)
-        fg = torch.cat([local_fg, g_fg[den_fg > 0]], dim=0)
-    else:
-        fg = g_fg.mean(dim=0, keepdim=True)
-    bg = local_prototypes(feat, 1.0 - frac, window, bg_thresh)
-    if bg.shape[0] == 0:
-        g_bg, _ = _global(feat, 1.0 - frac, eps)
-        bg = g_bg.mean(dim=0, keepdim=True)
-    return ClassPrototypes(bg=bg, fg=fg)
+__all__ = ["ALPNet"]
 
 
 class ALPNet(PrototypeSegmenter):
@@ -149,9 +72,6 @@ class ALPNet(PrototypeSegmenter):
         fg_thresh: foreground window threshold (0.95).
         bg_thresh: background window threshold (0.95).
 
-    Attributes:
-        kind: ``"fewshot"``; ``config``: the builder kwargs (``weights`` always ``None``); ``init_weights``.
-
     Shapes: S support slices, Q query slices, (H, W) input (multiples of 16), D = ``proj_dim`` (or 512),
     (h, w) = (H/16, W/16). ``prototypes`` returns ``ClassPrototypes(bg[N_bg, D], fg[N_fg, D])``.
     Parameters: the encoder's 21,284,672 + ``512 * proj_dim`` (131,072 for 256).
@@ -163,7 +83,7 @@ class ALPNet(PrototypeSegmenter):
         weights: Union[None, str, Path] = None,
         in_channels: int = 3,
         proj_dim: Optional[int] = 256,
-        scaler: float = 20.0,
+        scaler: float = SCALER,
         window: int = 2,
         eval_window: int = 1,
         fg_thresh: float = 0.95,
@@ -174,17 +94,6 @@ class ALPNet(PrototypeSegmenter):
         self.eval_window = check_positive_int("eval_window", eval_window, "ALPNet")
         self.fg_thresh = check_rate("fg_thresh", fg_thresh, "ALPNet")
         self.bg_thresh = check_rate("bg_thresh", bg_thresh, "ALPNet")
-        self.config = {
-            "encoder": encoder,
-            "weights": None,
-            "in_channels": int(in_channels),
-            "proj_dim": proj_dim,
-            "scaler": float(scaler),
-            "window": self.window,
-            "eval_window": self.eval_window,
-            "fg_thresh": self.fg_thresh,
-            "bg_thresh": self.bg_thresh,
-        }
 
     @property
     def current_window(self) -> int:
@@ -208,29 +117,3 @@ class ALPNet(PrototypeSegmenter):
             f"scaler={self.scaler}, feature_dim={self.feature_dim}, window={self.window}, "
             f"eval_window={self.eval_window}, fg_thresh={self.fg_thresh}, bg_thresh={self.bg_thresh}"
         )
-
-
-@MODELS.register("alpnet")
-def alpnet(
-    encoder: str = "resnet34",
-    weights: Union[None, str, Path] = None,
-    in_channels: int = 3,
-    proj_dim: Optional[int] = 256,
-    scaler: float = 20.0,
-    window: int = 2,
-    eval_window: int = 1,
-    fg_thresh: float = 0.95,
-    bg_thresh: float = 0.95,
-) -> ALPNet:
-    """Build ``ALPNet`` (registered as ``"alpnet"``); the kwargs are stored in ``model.config``."""
-    return ALPNet(
-        encoder=encoder,
-        weights=weights,
-        in_channels=in_channels,
-        proj_dim=proj_dim,
-        scaler=scaler,
-        window=window,
-        eval_window=eval_window,
-        fg_thresh=fg_thresh,
-        bg_thresh=bg_thresh,
-    )

@@ -1,109 +1,38 @@
-"""What PANet and ALPNet share: the prototype bundle, the multi-prototype cosine score and the model skeleton.
+"""What the reference few-shot methods share: the prototype-segmenter skeleton of PANet and ALPNet, and the
+adapt-then-segment skeleton of fine-tuning and MAML with its cache and support loss.
 
-Both methods are non-parametric classifiers on top of an encoder: prototypes are taken from the support features
-under the support mask, and every query feature vector is scored against each class's prototypes by scaled cosine
-similarity. The score of class ``c`` at a query position is (SSL-ALPNet's ``MultiProtoAsConv``)::
+* :class:`PrototypeSegmenter`: encoder (+ optional 1x1 projection) and cosine scoring of query features against
+  ``ClassPrototypes`` (``models.heads.scores.class_scores``); subclasses choose the prototypes.
+* :class:`AdaptingSegmenter`: ``encode`` is the image itself, ``prototypes`` a network adapted on the support
+  (:class:`Adapted`), ``segment`` that network on the query. Its outputs carry no features
+  (``feature_losses = False``: no alignment or cyclic loss).
 
-    d_j    = scaler * cos(f_q, P_j)            for the prototypes P_j of class c
-    s_c    = sum_j softmax_j(d)_j * d_j        (a soft maximum over the class's prototypes)
-
-With a single prototype per class this is exactly PANet's ``scaler * cos(f_q, P_c)``, so one scoring function
-serves both models. The two class scores ``[bg, fg]`` are computed at feature resolution and upsampled bilinearly
-to the input size: they are the logits.
-
-Shape letters: S support slices, Q query slices, D feature channels, (h, w) feature size, (H, W) input size,
-N number of prototypes of one class.
+Shape letters: S support slices, Q query slices, D feature channels, (h, w) feature size, (H, W) input size.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Union
+from typing import Callable, List, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot_proto.losses.ce import weighted_cross_entropy
-from fewshot_proto.losses.dice import dice_bce_loss, dice_loss
-from fewshot_proto.models.checks import check_episode, check_positive_number  # check_episode: re-exported
+from fewshot_proto.models.base import FewShotSegmenter
+from fewshot_proto.models.checks import check_feat_mask, check_positive_number
 from fewshot_proto.models.encoders.base import build_encoder
-from fewshot_proto.types import SegOutput
+from fewshot_proto.models.heads.scores import SCALER, ClassPrototypes, class_scores
 
-__all__ = ["ADAPTATION_LOSSES", "AdaptationCache", "adaptation_loss", "ClassPrototypes", "safe_normalize",
-           "class_score", "class_scores", "check_episode", "PrototypeSegmenter"]
-
-
-class ClassPrototypes(NamedTuple):
-    """The prototypes of one episode: ``bg[N_bg, D]`` (background) and ``fg[N_fg, D]`` (foreground), N >= 1."""
-
-    bg: torch.Tensor
-    fg: torch.Tensor
-
-    @property
-    def counts(self) -> tuple:
-        """``(N_bg, N_fg)``."""
-        return int(self.bg.shape[0]), int(self.fg.shape[0])
+__all__ = ["ADAPTATION_LOSSES", "Adapted", "AdaptationCache", "AdaptingSegmenter", "PrototypeSegmenter",
+           "adaptation_loss"]
 
 
-def safe_normalize(x: torch.Tensor, dim: int = 1, eps: float = 1e-4) -> torch.Tensor:
-    """``x / max(||x||, eps)`` along ``dim`` (a zero vector stays zero, never NaN)."""
-    return x / x.norm(p=2, dim=dim, keepdim=True).clamp_min(eps)
-
-
-def class_score(
-    feat: torch.Tensor, prototypes: torch.Tensor, scaler: float = 20.0, *, eps: float = 1e-4
-) -> torch.Tensor:
-    """Score of one class: ``sum_j softmax_j(d) * d_j`` with ``d_j = scaler * cos(feat, prototypes[j])``.
-
-    Args:
-        feat: ``[Q, D, h, w]`` query features.
-        prototypes: ``[N, D]`` the class's prototypes, ``N >= 1``.
-        scaler: multiplier of the cosine similarity (20 in PANet and SSL-ALPNet).
-        eps: lower bound of the vector norms in the cosine (a zero prototype scores 0).
-
-    Returns:
-        float32 ``[Q, h, w]``; for ``N == 1`` exactly ``scaler * cos(feat, prototypes[0])``.
-    """
-    if feat.ndim != 4 or prototypes.ndim != 2 or feat.shape[1] != prototypes.shape[1]:
-        raise ValueError(
-            f"class_score: expected feat [Q,D,h,w] and prototypes [N,D] with the same D, "
-            f"got {tuple(feat.shape)} and {tuple(prototypes.shape)}"
-        )
-    if prototypes.shape[0] == 0:
-        raise ValueError("class_score: a class needs at least one prototype, got none")
-    with torch.autocast(device_type=feat.device.type, enabled=False):
-        f = safe_normalize(feat.float(), dim=1, eps=eps)
-        p = safe_normalize(prototypes.float(), dim=1, eps=eps)
-        d = torch.einsum("qdhw,nd->qnhw", f, p) * float(scaler)  # [Q, N, h, w]
-        if d.shape[1] == 1:
-            return d[:, 0]
-        return (torch.softmax(d, dim=1) * d).sum(dim=1)
-
-
-def class_scores(feat: torch.Tensor, prototypes: ClassPrototypes, scaler: float, size=None) -> torch.Tensor:
-    """Background and foreground ``class_score`` maps of ``feat[Q, D, h, w]``, upsampled bilinearly to ``size``:
-    float32 logits ``[Q, 2, *size]`` (PANet's and ALPNet's output, and ``CWPAUNet``'s residual prototype head);
-    ``size=None`` returns them at ``(h, w)`` without resampling."""
-    with torch.autocast(device_type=feat.device.type, enabled=False):
-        scores = torch.stack(
-            [class_score(feat, prototypes.bg, scaler), class_score(feat, prototypes.fg, scaler)], dim=1
-        )  # [Q, 2, h, w] float32
-        if size is None:
-            return scores
-        return F.interpolate(scores, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
-
-
-class PrototypeSegmenter(nn.Module):
+class PrototypeSegmenter(FewShotSegmenter):
     """Skeleton of a non-parametric prototype segmenter: encoder (+ optional 1x1 projection) and cosine scoring.
 
-    Subclasses implement ``prototypes(support_feats, support_mask) -> ClassPrototypes``. The step methods follow
-    ``CWPAUNet`` so the evaluator's fast path (support prototypes computed once, reused for every query) and the
-    engine's cyclic loss work unchanged:
-
-    * ``encode(x[B, C, H, W]) -> [feat[B, D, h, w]]``: a one-element list (only the bottleneck is used, so the
-      evaluator caches nothing else);
-    * ``prototypes(feats, mask[S, H, W]) -> ClassPrototypes`` (soft masks allowed);
-    * ``segment(feats, prototypes) -> logits[Q, 2, H, W]`` (background, foreground).
+    Subclasses implement ``prototypes(support_feats, support_mask) -> ClassPrototypes`` (soft masks allowed).
+    ``encode(x[B, C, H, W]) -> [feat[B, D, h, w]]`` is a one-element list (only the bottleneck is used);
+    ``segment(feats, prototypes) -> logits[Q, 2, H, W]`` (background, foreground).
 
     Args:
         who: model name used in error messages.
@@ -114,10 +43,6 @@ class PrototypeSegmenter(nn.Module):
         scaler: cosine multiplier.
     """
 
-    kind = "fewshot"
-    #: ``prototypes`` accepts soft masks and ``segment`` its own output: the engine's cyclic loss works as is
-    supports_cyclic = True
-
     def __init__(
         self,
         who: str,
@@ -125,29 +50,26 @@ class PrototypeSegmenter(nn.Module):
         weights: Union[None, str, Path] = None,
         in_channels: int = 3,
         proj_dim: Optional[int] = None,
-        scaler: float = 20.0,
+        scaler: float = SCALER,
     ) -> None:
         super().__init__()
         self.who = who
         if proj_dim is not None and (isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim < 1):
             raise ValueError(f"{who}: proj_dim must be None or a positive integer, got {proj_dim!r}")
         self.scaler = check_positive_number("scaler", scaler, who)
-        self.init_weights = None if weights is None else str(weights)
         self.encoder = build_encoder(encoder, in_channels=in_channels, weights=weights, dilate_last=True)
         d = int(self.encoder.out_channels[-1])
         self.proj: nn.Module = nn.Identity() if proj_dim is None else nn.Conv2d(d, proj_dim, kernel_size=1, bias=False)
         self.feature_dim = d if proj_dim is None else int(proj_dim)
-        self.config: Dict[str, Any] = {}
 
-    # ---- steps --------------------------------------------------------------------------------------------
+    @property
+    def input_multiple(self) -> int:
+        return self.encoder.input_multiple
+
     def encode(self, x: torch.Tensor) -> List[torch.Tensor]:
         """``x[B, C, H, W]`` -> ``[feat[B, D, H/16, W/16]]`` (``ValueError`` on a bad shape or size)."""
         self.encoder.check_input_shape(x)
         return [self.proj(self.encoder(x)[-1])]
-
-    def prototypes(self, support_feats: List[torch.Tensor], support_mask: torch.Tensor) -> ClassPrototypes:
-        """Support features (from ``encode``) and ``support_mask[S, H, W]`` -> ``ClassPrototypes``."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
     def segment(self, query_feats: List[torch.Tensor], prototypes: ClassPrototypes) -> torch.Tensor:
         """Query features (from ``encode``) and prototypes -> float32 logits ``[Q, 2, H, W]`` (bg, fg)."""
@@ -160,46 +82,57 @@ class PrototypeSegmenter(nn.Module):
     def _support_inputs(self, support_feats: List[torch.Tensor], support_mask: torch.Tensor) -> torch.Tensor:
         """Check the support pair and return the bottleneck ``[S, D, h, w]``."""
         feat = support_feats[-1]
-        if feat.ndim != 4 or support_mask.ndim != 3 or feat.shape[0] != support_mask.shape[0]:
-            raise ValueError(
-                f"{self.who}.prototypes: expected features [S,D,h,w] and mask [S,H,W] with the same S, "
-                f"got {tuple(feat.shape)} and {tuple(support_mask.shape)}"
-            )
-        if support_mask.shape[-2] < feat.shape[-2] or support_mask.shape[-1] < feat.shape[-1]:
-            raise ValueError(
-                f"{self.who}.prototypes: mask {tuple(support_mask.shape[-2:])} is smaller than the feature map "
-                f"{tuple(feat.shape[-2:])}"
-            )
+        check_feat_mask(feat, support_mask, f"{self.who}.prototypes")
         return feat
 
-    # ---- the one forward ----------------------------------------------------------------------------------
-    def forward(self, support_img: torch.Tensor, support_mask: torch.Tensor, query_img: torch.Tensor) -> SegOutput:
-        """One episode: ``support_img[S, C, H, W]``, ``support_mask[S, H, W]``, ``query_img[Q, C, H, W]``.
 
-        Returns:
-            ``SegOutput(logits[Q, 2, H, W], aux)`` with ``aux["query_feat"] [Q, D, h, w]`` and
-            ``aux["support_feat"] [S, D, h, w]`` (for the engine's PANet alignment loss), ``aux["prototypes"]``
-            ``[N_bg + N_fg, D]`` (background rows first, the ``SegOutput`` convention), ``aux["class_prototypes"]``
-            (the ``ClassPrototypes`` bundle) and ``aux["query_feats"]`` / ``aux["support_feats"]`` (the ``encode``
-            lists, so the cyclic loss does not re-encode).
-        """
-        check_episode(self.who, support_img, support_mask, query_img)
-        s = support_img.shape[0]
-        feat = self.encode(torch.cat([support_img, query_img], dim=0))[-1]  # one batched pass
-        support_feats, query_feats = [feat[:s]], [feat[s:]]
-        protos = self.prototypes(support_feats, support_mask)
-        logits = self.segment(query_feats, protos)
-        return SegOutput(
-            logits=logits,
-            aux={
-                "query_feat": query_feats[-1],
-                "support_feat": support_feats[-1],
-                "prototypes": torch.cat([protos.bg, protos.fg], dim=0),
-                "class_prototypes": protos,
-                "query_feats": query_feats,
-                "support_feats": support_feats,
-            },
-        )
+class Adapted(NamedTuple):
+    """What ``AdaptingSegmenter.prototypes`` returns: the adapted network and the support it was adapted on (a
+    few-shot base network needs the support again to segment)."""
+
+    net: nn.Module
+    support_img: torch.Tensor
+    support_mask: torch.Tensor
+
+
+class AdaptingSegmenter(FewShotSegmenter):
+    """Skeleton of the adapt-then-segment methods: a network adapted on every support segments the query.
+
+    Subclasses implement ``adapt(support_img, support_mask) -> nn.Module`` (never modifying their base),
+    ``_segment_with(adapted, query_img) -> logits[Q, 2, H, W]``, ``check_input(x)`` and ``input_multiple``, and set
+    ``cache_support`` and ``_cache`` (an :class:`AdaptationCache`). In ``eval()`` mode without grad the networks
+    adapted to the last supports are reused.
+    """
+
+    feature_losses = False
+
+    def encode(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """``[x]``: the method adapts on, and segments, images."""
+        self.check_input(x)
+        return [x]
+
+    def prototypes(self, support_feats: List[torch.Tensor], support_mask: torch.Tensor) -> Adapted:
+        """The network adapted on the support image ``support_feats[-1]`` and ``support_mask[S, H, W]``."""
+        s_img = support_feats[-1]
+        use_cache = self.cache_support and not self.training and not torch.is_grad_enabled()
+        net = self._cache.get_or_adapt(self._cache_owner(), s_img, support_mask, self.adapt, use=use_cache)
+        return Adapted(net=net, support_img=s_img, support_mask=support_mask.float())
+
+    def segment(self, query_feats: List[torch.Tensor], prototypes: Adapted) -> torch.Tensor:
+        """The adapted network on the query image -> logits ``[Q, 2, H, W]`` (in the caller's grad mode)."""
+        if not isinstance(prototypes, Adapted):
+            raise ValueError(f"{type(self).__name__}.segment: prototypes must be the Adapted of prototypes(), got "
+                             f"{type(prototypes).__name__}")
+        return self._segment_with(prototypes, query_feats[-1])
+
+    def _cache_owner(self) -> nn.Module:
+        """The module whose weights an adapted copy depends on (the cache checks they did not change)."""
+        return self
+
+    def train(self, mode: bool = True) -> "AdaptingSegmenter":
+        """Switch mode and drop the cached adapted networks."""
+        self._cache.clear()
+        return super().train(mode)
 
 
 class AdaptationCache:
@@ -267,15 +200,26 @@ class AdaptationCache:
 ADAPTATION_LOSSES = ("dice_bce", "ce", "dice")
 
 
+def _soft_dice(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """Mean over items of ``1 - (2 sum(p g) + smooth) / (sum(p) + sum(g) + smooth)``; ``[N, H, W]`` inputs."""
+    inter = (prob * target).sum(dim=(1, 2))
+    denom = prob.sum(dim=(1, 2)) + target.sum(dim=(1, 2))
+    return (1.0 - (2.0 * inter + smooth) / (denom + smooth)).mean()
+
+
 def adaptation_loss(logits: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
     """Loss of binary logits ``[N, 2, H, W]`` against ``target[N, H, W]`` in {0, 1}, in float32.
 
     ``"ce"``: cross-entropy; ``"dice"``: soft Dice of the foreground softmax; ``"dice_bce"``: 0.8 soft Dice + 0.2
-    BCE on ``z = fg - bg`` (the foreground softmax's logit).
+    BCE on ``z = fg - bg`` (the foreground softmax's logit). The same values as ``losses.weighted_cross_entropy``,
+    ``losses.dice_loss(softmax=True)`` and ``losses.dice_bce_loss`` (tested); written here because the models
+    never import the training losses.
     """
     logits = logits.float()
     if loss == "ce":
-        return weighted_cross_entropy(logits, target)
+        return F.cross_entropy(logits, target.long())
     if loss == "dice":
-        return dice_loss(logits, target, softmax=True, include_background=False)
-    return dice_bce_loss(logits[:, 1] - logits[:, 0], target.float())
+        return _soft_dice(torch.softmax(logits, dim=1)[:, 1], target.float())
+    z = logits[:, 1] - logits[:, 0]
+    t = target.float()
+    return 0.8 * _soft_dice(torch.sigmoid(z), t) + 0.2 * F.binary_cross_entropy_with_logits(z, t)

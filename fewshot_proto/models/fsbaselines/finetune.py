@@ -48,12 +48,13 @@ import torch
 from torch import nn
 
 from fewshot_proto.errors import CheckpointError
-from fewshot_proto.models import MODELS, build_model
+from fewshot_proto.models import build_model
+from fewshot_proto.models.base import SupervisedSegmenter
 from fewshot_proto.models.checks import check_positive_number
-from fewshot_proto.models.fsbaselines.common import ADAPTATION_LOSSES, AdaptationCache, adaptation_loss, check_episode
-from fewshot_proto.types import SegOutput
+from fewshot_proto.models.fsbaselines.common import (ADAPTATION_LOSSES, AdaptationCache, Adapted, AdaptingSegmenter,
+                                                    adaptation_loss)
 
-__all__ = ["FineTuneOnSupport", "LOSSES", "OPTIMIZERS", "read_base_checkpoint", "finetune"]
+__all__ = ["FineTuneOnSupport", "LOSSES", "OPTIMIZERS", "read_base_checkpoint"]
 
 LOSSES = ADAPTATION_LOSSES
 OPTIMIZERS = ("adam", "sgd")
@@ -103,7 +104,7 @@ def _flip(x: torch.Tensor, m: torch.Tensor, flips: torch.Tensor) -> Tuple[torch.
     return torch.stack(xs), torch.stack(ms)
 
 
-class FineTuneOnSupport(nn.Module):
+class FineTuneOnSupport(AdaptingSegmenter):
     """Adapt a copy of a pretrained segmentation network on the support, then segment the query with it.
 
     Args:
@@ -127,23 +128,20 @@ class FineTuneOnSupport(nn.Module):
         cache_size: how many adapted copies to keep (each as large as the base).
 
     Attributes:
-        kind: ``"fewshot"``; ``supports_cyclic``: ``False``; ``base``: the pretrained network (the only
-            parameters; never modified by ``forward``); ``config``: builder kwargs (``checkpoint`` always ``None``:
-            a fewshot_proto checkpoint of this model holds the base weights in its state dict);
+        ``base``: the pretrained network (the only parameters; never modified by ``forward``); ``config``: builder
+            kwargs (``base_kwargs`` as resolved; ``checkpoint`` always ``None``: a fewshot_proto checkpoint of this
+            model holds the base weights in its state dict);
             ``init_checkpoint``: the checkpoint actually read; ``reinitialised``: base state keys not taken from
             it (``reinit_head``); ``adaptations``: number of adaptations run.
 
     Shapes: ``forward(support_img[S, C, H, W], support_mask[S, H, W], query_img[Q, C, H, W])`` ->
-    ``SegOutput(logits[Q, 2, H, W], aux={})``.
+    ``SegOutput(logits[Q, 2, H, W])``.
 
     Raises:
         ValueError: bad arguments (unknown loss or optimiser, non-positive lr, negative steps, ``base="finetune"``),
             or a multi-class base without ``reinit_head``.
         CheckpointError: an unreadable checkpoint, one of another model, or weights that do not fit the base.
     """
-
-    kind = "fewshot"
-    supports_cyclic = False
 
     def __init__(
         self,
@@ -197,7 +195,7 @@ class FineTuneOnSupport(nn.Module):
         self.reinitialised: List[str] = []
         if state is not None:
             self._load_base(state, checkpoint, partial=bool(reinit_head))
-        resolved = dict(getattr(self.base, "config", None) or base_kwargs or {})
+        self._resolved_base_kwargs = dict(getattr(self.base, "config", None) or base_kwargs or {})
         self.init_checkpoint = None if checkpoint is None else str(checkpoint)
         self.steps = int(steps)
         self.lr = float(lr)
@@ -208,20 +206,22 @@ class FineTuneOnSupport(nn.Module):
         self.cache_support = bool(cache_support)
         self.adaptations = 0
         self._cache = AdaptationCache(cache_size)
-        self.config: Dict[str, Any] = {
-            "base": base,
-            "base_kwargs": resolved,
-            "steps": self.steps,
-            "lr": self.lr,
-            "checkpoint": None,
-            "loss": loss,
-            "optimizer": optimizer,
-            "flips": self.flips,
-            "seed": self.seed,
-            "cache_support": self.cache_support,
-            "reinit_head": bool(reinit_head),
-            "cache_size": self._cache.size,
-        }
+
+    def _resolve_config(self, config: Dict[str, Any]) -> Dict[str, Any]:
+        """``base_kwargs`` as the base was built; ``checkpoint`` ``None`` (this model's state dict holds the base)."""
+        return dict(config, base_kwargs=self._resolved_base_kwargs, checkpoint=None)
+
+    @property
+    def input_multiple(self) -> int:
+        return int(self.base.input_multiple)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """A supervised base checks channels and size here; a few-shot base checks them in its own ``encode``."""
+        if isinstance(self.base, SupervisedSegmenter):
+            self.base.check_input(x)
+
+    def _cache_owner(self) -> nn.Module:
+        return self.base
 
     def _load_base(self, state: Dict[str, torch.Tensor], path: Union[str, Path], partial: bool) -> None:
         """Load ``state`` into the base; ``partial``: skip (and record) tensors whose shapes do not fit."""
@@ -297,64 +297,12 @@ class FineTuneOnSupport(nn.Module):
         self.adaptations += 1
         return net
 
-    # ---- the one forward ----------------------------------------------------------------------------------
-    def forward(self, support_img: torch.Tensor, support_mask: torch.Tensor, query_img: torch.Tensor) -> SegOutput:
-        """Adapt a copy of the base on the support, segment the query with it.
-
-        Args:
-            support_img: ``[S, C, H, W]``.
-            support_mask: ``[S, H, W]`` foreground mask (> 0.5 is foreground).
-            query_img: ``[Q, C, H, W]``.
-
-        Returns:
-            ``SegOutput(logits[Q, 2, H, W], aux={})``.
-        """
-        check_episode("FineTuneOnSupport", support_img, support_mask, query_img)
-        use_cache = self.cache_support and not self.training and not torch.is_grad_enabled()
-        net = self._cache.get_or_adapt(self.base, support_img, support_mask, self.adapt, use=use_cache)
-        # the query is segmented in the caller's grad / inference mode
-        logits = self._logits(net, support_img, support_mask.float(), query_img)
-        return SegOutput(logits=logits, aux={})
-
-    def train(self, mode: bool = True) -> "FineTuneOnSupport":
-        """Switch mode and drop the cached adapted copies."""
-        self._cache.clear()
-        return super().train(mode)
+    def _segment_with(self, adapted: Adapted, query_img: torch.Tensor) -> torch.Tensor:
+        """The adapted copy on the query (in the caller's grad / inference mode)."""
+        return self._logits(adapted.net, adapted.support_img, adapted.support_mask, query_img)
 
     def extra_repr(self) -> str:
         return (
             f"steps={self.steps}, lr={self.lr}, loss={self.loss!r}, optimizer={self.optimizer!r}, "
             f"flips={self.flips}, seed={self.seed}, init_checkpoint={self.init_checkpoint!r}"
         )
-
-
-@MODELS.register("finetune")
-def finetune(
-    base: str = "unet",
-    base_kwargs: Optional[Dict[str, Any]] = None,
-    steps: int = 20,
-    lr: float = 1e-3,
-    checkpoint: Union[None, str, Path] = None,
-    loss: str = "dice_bce",
-    optimizer: str = "adam",
-    flips: bool = True,
-    seed: int = 0,
-    cache_support: bool = True,
-    reinit_head: bool = False,
-    cache_size: int = 8,
-) -> FineTuneOnSupport:
-    """Build ``FineTuneOnSupport`` (registered as ``"finetune"``); the kwargs are stored in ``model.config``."""
-    return FineTuneOnSupport(
-        base=base,
-        base_kwargs=base_kwargs,
-        steps=steps,
-        lr=lr,
-        checkpoint=checkpoint,
-        loss=loss,
-        optimizer=optimizer,
-        flips=flips,
-        seed=seed,
-        cache_support=cache_support,
-        reinit_head=reinit_head,
-        cache_size=cache_size,
-    )

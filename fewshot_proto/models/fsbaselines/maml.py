@@ -1,4 +1,4 @@
-"""First-order MAML for the U-Net (Finn et al., ICML 2017), built on ``learn2learn.algorithms.MAML`` (issue 4).
+"""First-order MAML for the U-Net (Finn et al., ICML 2017), built on ``learn2learn.algorithms.MAML``.
 
 The model is a binary U-Net (``build_model("unet", ...)``, two logits ``[bg, fg]``) wrapped in
 ``l2l.algorithms.MAML(net, lr=inner_lr, first_order=True)``. Every forward adapts a *clone* of the base network
@@ -55,18 +55,18 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
-from typing import Any, Dict
+from typing import Any
 
 import torch
 from torch import nn
 
 from fewshot_proto.errors import FewShotError
-from fewshot_proto.models import MODELS, build_model
-from fewshot_proto.models.checks import check_episode, check_positive_number
-from fewshot_proto.models.fsbaselines.common import ADAPTATION_LOSSES, AdaptationCache, adaptation_loss
-from fewshot_proto.types import SegOutput
+from fewshot_proto.models import build_model
+from fewshot_proto.models.checks import check_positive_number
+from fewshot_proto.models.fsbaselines.common import (ADAPTATION_LOSSES, AdaptationCache, Adapted, AdaptingSegmenter,
+                                                    adaptation_loss)
 
-__all__ = ["MAMLSegmenter", "Learn2LearnMissing", "import_learn2learn", "INSTALL_RECIPE", "LOSSES", "maml_unet"]
+__all__ = ["MAMLSegmenter", "Learn2LearnMissing", "import_learn2learn", "INSTALL_RECIPE", "LOSSES"]
 
 LOSSES = ADAPTATION_LOSSES
 
@@ -154,7 +154,7 @@ def _as_leaves_(module: nn.Module) -> None:
                 m._parameters[key] = p.detach().requires_grad_(True)
 
 
-class MAMLSegmenter(nn.Module):
+class MAMLSegmenter(AdaptingSegmenter):
     """First-order MAML on a binary U-Net: adapt a clone on the support, segment the query with it.
 
     Args:
@@ -175,20 +175,17 @@ class MAMLSegmenter(nn.Module):
         cache_size: how many adapted clones to keep.
 
     Attributes:
-        kind: ``"fewshot"``; ``supports_cyclic``: ``False``; ``maml``: the ``l2l.algorithms.MAML`` wrapper whose
-            ``module`` is the base U-Net (the only parameters); ``config``: the builder kwargs;
+        ``maml``: the ``l2l.algorithms.MAML`` wrapper whose ``module`` is the base U-Net (the only parameters);
+            ``config``: the builder kwargs;
             ``adaptations``: number of adaptations run.
 
     Shapes: ``forward(support_img[S, C, H, W], support_mask[S, H, W], query_img[Q, C, H, W])`` ->
-    ``SegOutput(logits[Q, 2, H, W], aux={})``.
+    ``SegOutput(logits[Q, 2, H, W])``.
 
     Raises:
         Learn2LearnMissing: learn2learn is not installed (the message gives the install recipe).
         ValueError: bad arguments (unknown loss or norm, non-positive ``inner_lr``, negative ``inner_steps``, ...).
     """
-
-    kind = "fewshot"
-    supports_cyclic = False
 
     def __init__(
         self,
@@ -224,19 +221,13 @@ class MAMLSegmenter(nn.Module):
         self.cache_support = bool(cache_support)
         self.adaptations = 0
         self._cache = AdaptationCache(cache_size)
-        self.config: Dict[str, Any] = {
-            "in_channels": net.config["in_channels"],
-            "base_channels": net.config["base_channels"],
-            "depth": net.config["depth"],
-            "norm": norm,
-            "out_mode": net.config["out_mode"],
-            "inner_steps": self.inner_steps,
-            "inner_lr": self.inner_lr,
-            "loss": loss,
-            "first_order": self.first_order,
-            "cache_support": self.cache_support,
-            "cache_size": self._cache.size,
-        }
+
+    @property
+    def input_multiple(self) -> int:
+        return int(self.base.total_stride)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        self.base.check_input(x)
 
     @property
     def base(self) -> nn.Module:
@@ -289,50 +280,10 @@ class MAMLSegmenter(nn.Module):
         self.adaptations += 1
         return learner
 
-    # ---- the one forward ----------------------------------------------------------------------------------
-    def forward(self, support_img: torch.Tensor, support_mask: torch.Tensor, query_img: torch.Tensor) -> SegOutput:
-        """Adapt a clone of the base on the support, segment the query with it.
-
-        Args:
-            support_img: ``[S, C, H, W]``.
-            support_mask: ``[S, H, W]`` foreground mask (> 0.5 is foreground).
-            query_img: ``[Q, C, H, W]`` (H, W multiples of ``2**depth``).
-
-        Returns:
-            ``SegOutput(logits[Q, 2, H, W], aux={})``; with grad enabled the logits depend on the base weights.
-        """
-        check_episode("MAMLSegmenter", support_img, support_mask, query_img)
-        self.base.check_input(support_img, "support_img")
-        use_cache = self.cache_support and not self.training and not torch.is_grad_enabled()
-        learner = self._cache.get_or_adapt(self, support_img, support_mask, self.adapt, use=use_cache)
-        logits = learner.module.segment_image(query_img)
-        return SegOutput(logits=logits, aux={})
-
-    def train(self, mode: bool = True) -> "MAMLSegmenter":
-        """Switch mode and drop the cached adapted clones."""
-        self._cache.clear()
-        return super().train(mode)
+    def _segment_with(self, adapted: Adapted, query_img: torch.Tensor) -> torch.Tensor:
+        """The adapted clone's U-Net on the query; with grad enabled the logits depend on the base weights."""
+        return adapted.net.module.segment_image(query_img)
 
     def extra_repr(self) -> str:
         return (f"inner_steps={self.inner_steps}, inner_lr={self.inner_lr}, loss={self.loss!r}, "
                 f"first_order={self.first_order}")
-
-
-@MODELS.register("maml_unet")
-def maml_unet(
-    in_channels: int = 3,
-    base_channels: int = 16,
-    depth: int = 4,
-    norm: str = "instance",
-    out_mode: str = "softmax",
-    inner_steps: int = 5,
-    inner_lr: float = 0.1,
-    loss: str = "dice_bce",
-    first_order: bool = True,
-    cache_support: bool = True,
-    cache_size: int = 8,
-) -> MAMLSegmenter:
-    """Build ``MAMLSegmenter`` (registered as ``"maml_unet"``; needs learn2learn); kwargs kept in ``model.config``."""
-    return MAMLSegmenter(in_channels=in_channels, base_channels=base_channels, depth=depth, norm=norm,
-                         out_mode=out_mode, inner_steps=inner_steps, inner_lr=inner_lr, loss=loss,
-                         first_order=first_order, cache_support=cache_support, cache_size=cache_size)

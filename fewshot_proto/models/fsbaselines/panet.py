@@ -8,13 +8,13 @@ Method (1-way, as used for medical few-shot segmentation):
    convolution, off by default).
 2. For every support slice, masked average pooling of the features *bilinearly upsampled to the mask size*
    (PANet's ``getFeatures``; computed exactly without materialising the upsampled map, see
-   ``fewshot_proto.losses.alignment.masked_average_pool``) gives a foreground vector (under the mask) and a
+   ``fewshot_proto.models.heads.pooling.masked_average_pool``) gives a foreground vector (under the mask) and a
    background vector (under ``1 - mask``). k-shot: the per-shot vectors are averaged (PANet's ``getPrototype``),
    so there is one foreground and one background prototype.
 3. Query logits at feature resolution: ``20 * cos(f_q, P_bg)`` and ``20 * cos(f_q, P_fg)``, upsampled bilinearly to
    the input size.
 4. Training adds PANet's prototype alignment regularisation (PAR); it lives in ``fewshot_proto.losses.alignment``
-   and the engine applies it from ``aux["query_feat"]`` / ``aux["support_feat"]`` (``train.lambda_align``, 1 in
+   and the engine applies it to the last maps of ``SegOutput.query_feats`` / ``support_feats`` (``train.lambda_align``, 1 in
    PANet). PANet has no cyclic loss and no Dice term: a faithful run sets ``train.lambda_cyc: 0`` and
    ``train.lambda_dice: 0``.
 
@@ -32,28 +32,11 @@ from typing import List, Optional, Union
 
 import torch
 
-from fewshot_proto.losses.alignment import masked_average_pool
-from fewshot_proto.models import MODELS
-from fewshot_proto.models.fsbaselines.common import ClassPrototypes, PrototypeSegmenter
+from fewshot_proto.models.fsbaselines.common import PrototypeSegmenter
+from fewshot_proto.models.heads.alp import panet_prototypes
+from fewshot_proto.models.heads.scores import SCALER, ClassPrototypes
 
-__all__ = ["PANet", "panet_prototypes", "panet"]
-
-
-def panet_prototypes(feat: torch.Tensor, mask: torch.Tensor, *, eps: float = 1e-5) -> ClassPrototypes:
-    """PANet's prototypes: per-shot masked averages (features upsampled to the mask), averaged over the shots.
-
-    Args:
-        feat: ``[S, D, h, w]`` support features.
-        mask: ``[S, H, W]`` foreground mask (binary or soft); the background mask is ``1 - mask``.
-        eps: added to every mask sum (an empty mask gives a zero vector).
-
-    Returns:
-        ``ClassPrototypes(bg[1, D], fg[1, D])``.
-    """
-    m = mask.float()
-    fg = masked_average_pool(feat, m, eps=eps, pool_batch=False).mean(dim=0, keepdim=True)  # [1, D]
-    bg = masked_average_pool(feat, 1.0 - m, eps=eps, pool_batch=False).mean(dim=0, keepdim=True)
-    return ClassPrototypes(bg=bg, fg=fg)
+__all__ = ["PANet"]
 
 
 class PANet(PrototypeSegmenter):
@@ -66,11 +49,6 @@ class PANet(PrototypeSegmenter):
         proj_dim: ``None`` (default: F5 as it is, like PANet's VGG features) or the width of a 1x1 projection.
         scaler: cosine multiplier (20).
 
-    Attributes:
-        kind: ``"fewshot"``.
-        config: the builder kwargs (``weights`` always ``None``: a checkpoint's state dict replaces the initial
-            weights); ``init_weights``: the ``weights`` actually used.
-
     Shapes: S support slices, Q query slices, (H, W) input (multiples of 16), D = 512 (or ``proj_dim``),
     (h, w) = (H/16, W/16). ``prototypes`` returns ``ClassPrototypes(bg[1, D], fg[1, D])``.
     Parameters: the encoder's 21,284,672 (+ ``512 * proj_dim``).
@@ -82,16 +60,9 @@ class PANet(PrototypeSegmenter):
         weights: Union[None, str, Path] = None,
         in_channels: int = 3,
         proj_dim: Optional[int] = None,
-        scaler: float = 20.0,
+        scaler: float = SCALER,
     ) -> None:
         super().__init__("PANet", encoder, weights, in_channels, proj_dim, scaler)
-        self.config = {
-            "encoder": encoder,
-            "weights": None,
-            "in_channels": int(in_channels),
-            "proj_dim": proj_dim,
-            "scaler": float(scaler),
-        }
 
     def prototypes(self, support_feats: List[torch.Tensor], support_mask: torch.Tensor) -> ClassPrototypes:
         """Support features (from ``encode``) and ``support_mask[S, H, W]`` -> ``ClassPrototypes(bg[1,D], fg[1,D])``."""
@@ -100,15 +71,3 @@ class PANet(PrototypeSegmenter):
 
     def extra_repr(self) -> str:
         return f"scaler={self.scaler}, feature_dim={self.feature_dim}"
-
-
-@MODELS.register("panet")
-def panet(
-    encoder: str = "resnet34",
-    weights: Union[None, str, Path] = None,
-    in_channels: int = 3,
-    proj_dim: Optional[int] = None,
-    scaler: float = 20.0,
-) -> PANet:
-    """Build ``PANet`` (registered as ``"panet"``); the kwargs are stored in ``model.config``."""
-    return PANet(encoder=encoder, weights=weights, in_channels=in_channels, proj_dim=proj_dim, scaler=scaler)

@@ -20,21 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot_proto.losses.alignment import masked_average_pool
+from fewshot_proto.models.checks import check_feat_mask
+from fewshot_proto.models.heads.pooling import masked_average_pool
 
 __all__ = ["local_prototypes", "bag_prototypes", "correlation", "aggregate", "enhance", "CWPA"]
-
-
-def _check_feat_mask(feat: torch.Tensor, mask: torch.Tensor, who: str) -> None:
-    if feat.ndim != 4 or mask.ndim != 3 or feat.shape[0] != mask.shape[0]:
-        raise ValueError(
-            f"{who}: expected feat [S,D,h,w] and mask [S,H,W] with the same S, "
-            f"got {tuple(feat.shape)} and {tuple(mask.shape)}"
-        )
-    if mask.shape[-2] < feat.shape[-2] or mask.shape[-1] < feat.shape[-1]:
-        raise ValueError(
-            f"{who}: mask {tuple(mask.shape[-2:])} is smaller than the feature map {tuple(feat.shape[-2:])}"
-        )
 
 
 def local_prototypes(
@@ -53,7 +42,7 @@ def local_prototypes(
         slice by slice), or the single masked average (PANet-style: features upsampled bilinearly to ``H x W``)
         when no cell passes.
     """
-    _check_feat_mask(feat, mask, "local_prototypes")
+    check_feat_mask(feat, mask, "local_prototypes")
     h, w = int(feat.shape[-2]), int(feat.shape[-1])
     cell = F.adaptive_avg_pool2d(mask.detach().float().unsqueeze(1), (h, w))[:, 0]  # [S, h, w]
     keep = cell > tau

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fewshot_proto.losses import AlignmentLoss, alignment_loss, cosine_logits
+from fewshot_proto.losses import AlignmentLoss, alignment_loss
 
 FG, BG, BOTH = [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]
 SOFTPLUS_M20 = math.log1p(math.exp(-20.0))  # CE of logits (0, 20) for the right class
@@ -76,11 +76,6 @@ def test_empty_support_mask_and_upsampling_are_finite_with_gradients():
         loss.backward()
         assert q.grad.abs().sum() > 0 and s.grad.abs().sum() > 0
         assert logits.grad is None  # the prediction is used through a detached argmax only
-
-
-def test_cosine_logits_zero_prototype_is_zero_not_nan():
-    out = cosine_logits(torch.randn(1, 3, 2, 2), torch.zeros(1, 3))
-    assert torch.equal(out, torch.zeros(1, 1, 2, 2))
 
 
 def test_shape_errors():

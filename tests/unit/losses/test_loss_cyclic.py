@@ -8,12 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from fewshot_proto.losses import CyclicConsistencyLoss, cyclic_consistency_loss, dice_loss
+from fewshot_proto.models.base import FewShotSegmenter
 
 
-class StubModel:
+class StubModel(FewShotSegmenter):
     """encode(x) -> [x]; prototypes = masked mean of channel 0; segment -> logits (0, proto * x[:, :1])."""
 
     def __init__(self):
+        super().__init__()
         self.encode_calls = 0
         self.seen = {}
 
@@ -84,14 +86,18 @@ def test_real_model_gradient_reaches_parameters_and_is_finite():
 
     torch.manual_seed(0)
     model = build_model("cwpa_unet").train()
+    assert model.feature_losses is True
     s_img = torch.randn(1, 3, 64, 64)
     s_mask = torch.zeros(1, 64, 64)
     s_mask[0, 16:40, 20:44] = 1
     q_img = torch.randn(1, 3, 64, 64)
     out = model(s_img, s_mask, q_img)
     loss = cyclic_consistency_loss(model, s_img, s_mask, q_img, out.logits,
-                                   query_feats=out.aux["query_feats"], support_feats=out.aux["support_feats"])
+                                   query_feats=out.query_feats, support_feats=out.support_feats)
     assert torch.isfinite(loss)
+    # the pyramids of SegOutput are what the loss would compute itself (one batched pass over support + query)
+    assert len(out.query_feats) == len(out.support_feats) > 1
+    torch.testing.assert_close(cyclic_consistency_loss(model, s_img, s_mask, q_img, out.logits), loss)
     loss.backward()
     assert model.encoder.conv1.weight.grad.abs().sum() > 0
     assert model.decoder.head.weight.grad.abs().sum() > 0

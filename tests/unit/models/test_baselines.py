@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict
 
@@ -33,18 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fewshot_proto.models.baselines as baselines
 from fewshot_proto.errors import CheckpointError
-from fewshot_proto.models import MODELS
-from fewshot_proto.models.baselines import (
-    MobileNetASPPSEUNet,
-    ResUpNet,
-    SupervisedSegmenter,
-    UNet,
-    count_parameters,
-    nearest_valid_size,
-)
+from fewshot_proto.models import MODELS, list_models
+from fewshot_proto.models.base import SupervisedSegmenter
+from fewshot_proto.models.baselines import MobileNetASPPSEUNet, ResUpNet, UNet, count_parameters
 from fewshot_proto.models.baselines.mobilenet_aspp_se import IMAGENET_FILES
+from fewshot_proto.models.checks import nearest_valid_size
 from fewshot_proto.types import SegOutput
 
 NAMES = ["unet", "resupnet", "mobilenet_aspp_se_unet"]
@@ -88,20 +85,40 @@ def _random_mobilenet_weights(path: Path, seed: int = 0) -> Dict[str, torch.Tens
 
 
 def test_registered_by_name_with_kind_and_config():
+    assert set(NAMES) <= set(list_models())
     for name in NAMES:
         assert name in MODELS
         model = MODELS.build(name, **SMALL[name])
         assert isinstance(model, SupervisedSegmenter)
-        assert type(model).kind == "supervised"
+        assert type(model).kind == "supervised" and type(model).needs_support is False
         assert model.total_stride == STRIDE[name]
         rebuilt = MODELS.build(name, **model.config)  # config holds the builder kwargs
         assert rebuilt.config == model.config
         assert count_parameters(rebuilt) == count_parameters(model)
-    assert baselines.BASELINES == {
+    # tuples are recorded as lists (YAML/JSON-friendly), and initial weights are not architecture
+    mb = MODELS.build("mobilenet_aspp_se_unet", **SMALL["mobilenet_aspp_se_unet"])
+    assert mb.config["decoder_channels"] == [16, 8, 8, 8, 8] and isinstance(mb.config["decoder_channels"], list)
+    assert mb.config["weights"] is None and mb.config["freeze_encoder"] is False and mb.init_weights is None
+    assert {n: MODELS.get(n) for n in NAMES} == {
         "unet": UNet,
         "resupnet": ResUpNet,
         "mobilenet_aspp_se_unet": MobileNetASPPSEUNet,
     }
+
+
+def test_importing_the_baselines_registers_nothing():
+    """A fresh interpreter: importing the subpackage has no registration side effect; ``list_models`` does it."""
+    code = (
+        "import fewshot_proto.models.baselines\n"
+        "from fewshot_proto.models import MODELS, list_models\n"
+        "assert 'unet' not in MODELS, MODELS.names()\n"
+        "assert 'unet' in list_models() and 'unet' in MODELS\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
 
 
 def test_unknown_kwargs_and_bad_values_raise():
@@ -179,7 +196,7 @@ def test_episode_shapes_small(name, size, shots):
     out = model(*_episode(shots, 2, size))
     assert isinstance(out, SegOutput)
     assert out.logits.shape == (2, 2, size, size)
-    assert out.aux == {}
+    assert out.support_feats is None and out.query_feats is None and out.prototypes is None
     assert torch.isfinite(out.logits).all()
 
 
@@ -292,7 +309,9 @@ def test_mobilenet_frozen_with_weights(tmp_path, channels):
     model = MobileNetASPPSEUNet(in_channels=channels, weights=path, aspp_dropout=0.0, **{
         k: v for k, v in SMALL["mobilenet_aspp_se_unet"].items()
     })
-    assert model.config["weights"] == str(path) and model.config["freeze_encoder"] is True
+    # initial weights are provenance, not architecture: config records None, init_weights the path
+    assert model.config["weights"] is None and model.init_weights == str(path)
+    assert model.config["freeze_encoder"] is True
     # weights loaded; first conv averaged over R, G, B when the input is grey
     w0 = state["features.0.0.weight"]
     expected_w0 = w0 if channels == 3 else w0.mean(dim=1, keepdim=True)
@@ -314,6 +333,14 @@ def test_mobilenet_frozen_with_weights(tmp_path, channels):
             assert p.grad is not None and _grad_is_informative(pname, p.grad), pname
     after = model.encoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics untouched in train mode
+    # rebuilt from its config (weights None, freeze_encoder recorded as resolved): frozen, and the state dict
+    # carries the encoder weights
+    twin = MobileNetASPPSEUNet(**model.config)
+    assert twin.init_weights is None and twin.encoder_frozen
+    assert all(not p.requires_grad for p in twin.encoder.parameters())
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(twin.eval()(s, m, q).logits, model.eval()(s, m, q).logits)
 
 
 def test_mobilenet_weights_resolution(tmp_path):

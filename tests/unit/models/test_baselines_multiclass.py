@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fewshot_proto.models import MODELS
+from fewshot_proto.models import build_model
 from fewshot_proto.models.baselines import MobileNetASPPSEUNet, ResUpNet, UNet, count_parameters
 
 SMALL = {
@@ -64,11 +64,11 @@ def test_binary_model_is_unchanged():
 @pytest.mark.parametrize("name", list(SMALL))
 def test_multiclass_heads_and_episodic_forward(name):
     torch.manual_seed(0)
-    model = MODELS.build(name, classes=[2, 3], **SMALL[name]).eval()
+    model = build_model(name, classes=[2, 3], **SMALL[name]).eval()
     sigmoid = model.out_mode == "sigmoid"
     assert model.head.conv.out_channels == (2 if sigmoid else 3)
     assert model.classes == [2, 3] and model.config["classes"] == [2, 3]
-    rebuilt = MODELS.build(name, **model.config)
+    rebuilt = build_model(name, **model.config)
     assert rebuilt.classes == [2, 3]
     x = torch.randn(2, 3, 64, 64)
     s, m = torch.randn(1, 3, 64, 64), (torch.rand(1, 64, 64) > 0.5).float()

@@ -1,10 +1,15 @@
 """ResNet-34 encoder: the contract (shapes, reductions), dilation, weights handling, input-size check."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from fewshot_proto.models.encoders import ENCODERS, ResNet34Encoder, build_encoder, nearest_valid_sizes
+from fewshot_proto.models.encoders.base import ENCODER_ZOO
 
 
 @pytest.fixture(scope="module")
@@ -15,8 +20,29 @@ def enc() -> ResNet34Encoder:
 
 def test_registry_lists_resnet34(enc):
     assert "resnet34" in ENCODERS.names()
+    assert ("resnet34", "fewshot_proto.models.encoders.resnet", "ResNet34Encoder") in ENCODER_ZOO
+    assert ENCODERS.get("resnet34") is ResNet34Encoder and isinstance(enc, ResNet34Encoder)
     with pytest.raises(KeyError, match="resnet34"):
         build_encoder("resnet999")
+
+
+def test_importing_the_encoder_module_registers_nothing():
+    """A fresh interpreter: the zoo is registered on the first ``build_encoder``, not on import."""
+    code = (
+        "import fewshot_proto.models.encoders.resnet\n"
+        "from fewshot_proto.models.encoders import ENCODERS, build_encoder\n"
+        "assert 'resnet34' not in ENCODERS, ENCODERS.names()\n"
+        "try:\n"
+        "    build_encoder('resnet999')\n"
+        "except KeyError as e:\n"
+        "    assert 'resnet34' in str(e), e\n"
+        "assert 'resnet34' in ENCODERS\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
 
 
 def test_feature_shapes_256(enc):

@@ -25,7 +25,7 @@ import torch
 import fewshot_proto
 from fewshot_proto.models import build_model
 
-FEWSHOT = {"cwpa_unet", "panet", "alpnet", "finetune"}
+FEWSHOT = {"cwpa_unet", "cwpa_unet_matcher", "panet", "alpnet", "finetune"}
 SUPERVISED = {"unet", "resupnet", "mobilenet_aspp_se_unet"}
 NEEDS = {"maml_unet": "learn2learn"}  # optional dependency of a registered model
 TEST_CLASSES = [2, 3]
@@ -92,17 +92,30 @@ def _state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_list_models_has_every_family():
-    assert NAMES == sorted(NAMES) and len(NAMES) == len(set(NAMES))
-    assert FEWSHOT | SUPERVISED <= set(NAMES)
+def test_list_models_has_every_family_and_each_declares_its_kind_by_its_base_class():
     from fewshot_proto.engine.trainer import model_kind
+    from fewshot_proto.models import get_model_class
+    from fewshot_proto.models.base import FewShotSegmenter, SupervisedSegmenter
 
+    assert NAMES == sorted(NAMES) and len(NAMES) == len(set(NAMES))
+    assert FEWSHOT | SUPERVISED | set(NEEDS) == set(NAMES)
     for name in NAMES:
-        assert model_kind(name) in ("fewshot", "supervised"), name
-    for name in SUPERVISED:
-        assert model_kind(name) == "supervised"
-    for name in FEWSHOT:
-        assert model_kind(name) == "fewshot"
+        cls = get_model_class(name)
+        base = FewShotSegmenter if name in FEWSHOT | set(NEEDS) else SupervisedSegmenter
+        assert issubclass(cls, base) and model_kind(name) == cls.kind == base.kind, name
+    assert {model_kind(n) for n in SUPERVISED} == {"supervised"}
+    assert {model_kind(n) for n in FEWSHOT} == {"fewshot"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_rebuilds_the_same_architecture(name, base_checkpoint):
+    """``model.config`` is the recorded constructor kwargs: ``build_model(name, **config)`` gives the same state
+    layout and the same config again (``weights`` is never part of it)."""
+    model = tiny_model(name, base_checkpoint)
+    again = build_model(name, **model.config)
+    assert again.config == model.config and model.config.get("weights") is None
+    assert {k: tuple(v.shape) for k, v in again.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,5 +1,6 @@
-"""CWPAUNet: shapes for 1/5 shots and several sizes, gradients, edge-case masks, determinism, checkpoint round
-trip, parameter count, input validation, bf16/channels_last, and a tiny overfit check."""
+"""The CWPA U-Nets (``cwpa_unet``, DESIGN.md section 3's model, and ``cwpa_unet_matcher``, with the matcher head):
+shapes for 1/5 shots and several sizes, gradients, edge-case masks, determinism, checkpoint round trip, parameter
+counts, input validation, bf16/channels_last, and a tiny overfit check."""
 from __future__ import annotations
 
 import pytest
@@ -7,18 +8,18 @@ import torch
 
 from fewshot_proto.losses import alignment_loss, cyclic_consistency_loss, weighted_cross_entropy
 from fewshot_proto.models import MODELS, build_model, list_models
-from fewshot_proto.models.fewshot import CWPAUNet
+from fewshot_proto.models.base import FewShotSegmenter
+from fewshot_proto.models.fewshot import CWPAUNet, CWPAUNetMatcher, MatcherPrototypes
 from fewshot_proto.types import SegOutput
+
+NAMES = ["cwpa_unet", "cwpa_unet_matcher"]
 
 # Counted from the architecture as built: torchvision ResNet-34 without fc (21,284,672) + U-Net decoder
 # (4,749,954: stages 1280->256, 384->128, 192->64, 128->64 with two 3x3 Conv-BN-ReLU and a 2x2 transposed conv
 # each, plus the 1x1 head 64->2). DESIGN.md rounds this to "~25 M".
 N_PARAMS_NO_HEAD = 26_034_626
-# + the residual prototype head's bias-free 1x1 projection: F5 512 -> 256 (default), or hypercolumn (128 + 512) -> 256
+# + the matcher head's bias-free 1x1 projection: F5 512 -> 256
 N_PARAMS = N_PARAMS_NO_HEAD + 512 * 256
-N_PARAMS_HYPER_HEAD = N_PARAMS_NO_HEAD + 640 * 256
-# head_guide: one more input channel (the head's probability) in the first 3x3 conv of each of the 4 stages
-N_PARAMS_GUIDE = N_PARAMS + 9 * (256 + 128 + 64 + 64)
 
 
 def _episode(s: int, q: int, size: int, seed: int = 0):
@@ -41,63 +42,76 @@ def _episode(s: int, q: int, size: int, seed: int = 0):
     return s_img, s_mask, q_img, q_mask.long()
 
 
-@pytest.fixture(scope="module")
-def model() -> CWPAUNet:
+@pytest.fixture(scope="module", params=NAMES)
+def model(request) -> CWPAUNet:
     torch.manual_seed(0)
-    return build_model("cwpa_unet")
+    return build_model(request.param)
 
 
-def test_registered_and_built_by_name(model):
-    assert "cwpa_unet" in list_models() and "cwpa_unet" in MODELS
-    assert isinstance(model, CWPAUNet) and model.kind == "fewshot"
-    assert model.config == {
-        "encoder": "resnet34", "weights": None, "tau": 0.5, "temperature": 0.1, "num_classes": 2,
-        "use_background": False, "in_channels": 3, "norm": "batch", "prototype_head": "f5",
-        "head_dim": 256, "head_scaler": 20.0, "head_guide": False,
-    }
+def test_registered_by_honest_names_with_their_recorded_configs():
+    assert {"cwpa_unet", "cwpa_unet_matcher"} <= set(list_models())
+    assert MODELS.get("cwpa_unet") is CWPAUNet and MODELS.get("cwpa_unet_matcher") is CWPAUNetMatcher
+    plain, matcher = build_model("cwpa_unet"), build_model("cwpa_unet_matcher")
+    assert isinstance(plain, FewShotSegmenter) and plain.kind == matcher.kind == "fewshot"
+    assert not hasattr(plain, "head") and isinstance(matcher.head, torch.nn.Module)
+    assert plain.config == {"encoder": "resnet34", "weights": None, "tau": 0.5, "temperature": 0.1,
+                            "num_classes": 2, "use_background": False, "in_channels": 3}
+    assert matcher.config == dict(plain.config, matcher_dim=256, matcher_scaler=20.0)
+    with pytest.raises(ValueError, match="num_classes must be 2, got 3"):
+        build_model("cwpa_unet_matcher", num_classes=3)
+    assert build_model("cwpa_unet_matcher", matcher_dim=64, tau=0.3).config["matcher_dim"] == 64
+    assert plain.input_multiple == matcher.input_multiple == 16
 
 
-def test_parameter_count(model):
-    assert sum(p.numel() for p in model.parameters()) == N_PARAMS
-    assert all(p.requires_grad for p in model.parameters())
-    assert sum(p.numel() for p in build_model("cwpa_unet", prototype_head=None).parameters()) == N_PARAMS_NO_HEAD
-    hyper = build_model("cwpa_unet", prototype_head="hypercolumn")
-    assert sum(p.numel() for p in hyper.parameters()) == N_PARAMS_HYPER_HEAD
-    assert sum(p.numel() for p in build_model("cwpa_unet", head_guide=True).parameters()) == N_PARAMS_GUIDE
+def test_parameter_counts():
+    assert sum(p.numel() for p in build_model("cwpa_unet").parameters()) == N_PARAMS_NO_HEAD
+    m = build_model("cwpa_unet_matcher")
+    assert sum(p.numel() for p in m.parameters()) == N_PARAMS
+    assert all(p.requires_grad for p in m.parameters())
 
 
-def test_untrained_model_is_the_prototype_matcher_and_no_head_is_the_decoder_alone():
+def test_removed_options_are_refused_by_name():
+    for kwargs in ({"prototype_head": "f5"}, {"head_guide": True}, {"norm": "group"}):
+        with pytest.raises(TypeError, match=next(iter(kwargs))):
+            build_model("cwpa_unet_matcher", **kwargs)
+
+
+def test_untrained_matcher_model_is_the_matcher_and_cwpa_unet_is_the_decoder_alone():
     """The decoder's classifier starts at zero, so the untrained logits are exactly the head's scores."""
     torch.manual_seed(0)
-    m = build_model("cwpa_unet").eval()
+    m = build_model("cwpa_unet_matcher").eval()
     s_img, s_mask, q_img, _ = _episode(1, 2, 64, seed=4)
     with torch.no_grad():
         out = m(s_img, s_mask, q_img)
         q_feats = m.encode(q_img)
-        scores = m.head(q_feats, m.prototypes(m.encode(s_img), s_mask).head, (64, 64))
+        scores = m.head(q_feats, m.prototypes(m.encode(s_img), s_mask).matcher, (64, 64))
     torch.testing.assert_close(out.logits, scores, rtol=1e-5, atol=1e-5)
     assert out.logits.abs().max() > 0.1 and out.logits.abs().max() <= 20.0 + 1e-4  # scaler * cosine
-    assert out.aux["head_prototypes"].fg.shape[1] == 256
+    assert isinstance(out.prototypes, MatcherPrototypes) and out.prototypes.matcher.fg.shape[1] == 256
 
     torch.manual_seed(0)
-    plain = build_model("cwpa_unet", prototype_head=None).eval()
-    assert plain.head is None and plain.decoder.head.weight.abs().sum() > 0
+    plain = build_model("cwpa_unet").eval()
+    assert plain.decoder.head.weight.abs().sum() > 0
     with torch.no_grad():
         p_out = plain(s_img, s_mask, q_img)
-        dec = plain.decoder(plain.cwpa(plain.encode(q_img)[-1], p_out.aux["prototypes"]), plain.encode(q_img)[:-1])
-    assert p_out.aux["head_prototypes"] is None
+        dec = plain.decoder(plain.cwpa(plain.encode(q_img)[-1], p_out.prototypes), plain.encode(q_img)[:-1])
+    assert isinstance(p_out.prototypes, torch.Tensor) and p_out.prototypes.shape[1] == 512
     torch.testing.assert_close(p_out.logits, dec)
 
 
-def test_head_options_are_validated():
-    with pytest.raises(ValueError, match="features must be one of"):
-        build_model("cwpa_unet", prototype_head="f3")
-    with pytest.raises(ValueError, match="num_classes=2"):
-        build_model("cwpa_unet", num_classes=3)
-    m = build_model("cwpa_unet").eval()
+def test_segment_refuses_the_other_models_prototypes():
+    plain, matcher = build_model("cwpa_unet").eval(), build_model("cwpa_unet_matcher").eval()
     s_img, s_mask, q_img, _ = _episode(1, 1, 64)
-    with torch.no_grad(), pytest.raises(ValueError, match="CWPAPrototypes"):
-        m.segment(m.encode(q_img), torch.zeros(1, 512))
+    with torch.no_grad():
+        q = matcher.encode(q_img)
+        with pytest.raises(ValueError, match="MatcherPrototypes"):
+            matcher.segment(q, torch.zeros(1, 512))
+        with pytest.raises(ValueError, match=r"\[N_pro, D\] bag"):
+            plain.segment(q, matcher.prototypes(matcher.encode(s_img), s_mask))
+
+
+def _bag(protos):
+    return protos if isinstance(protos, torch.Tensor) else protos.local
 
 
 @pytest.mark.parametrize("shots,size", [(1, 128), (5, 128), (1, 64), (5, 64)])
@@ -109,11 +123,11 @@ def test_output_shapes(model, shots, size):
     assert isinstance(out, SegOutput)
     h = size // 16
     assert out.logits.shape == (2, 2, size, size)
-    assert out.aux["query_feat"].shape == (2, 512, h, h)
-    assert out.aux["support_feat"].shape == (shots, 512, h, h)
-    assert out.aux["prototypes"].ndim == 2 and out.aux["prototypes"].shape[1] == 512
-    assert [f.shape[0] for f in out.aux["support_feats"]] == [shots] * 5
-    assert [f.shape[0] for f in out.aux["query_feats"]] == [2] * 5
+    assert out.query_feats[-1].shape == (2, 512, h, h)
+    assert out.support_feats[-1].shape == (shots, 512, h, h)
+    assert _bag(out.prototypes).ndim == 2 and _bag(out.prototypes).shape[1] == 512
+    assert [f.shape[0] for f in out.support_feats] == [shots] * 5
+    assert [f.shape[0] for f in out.query_feats] == [2] * 5
 
 
 def test_output_shape_256_one_forward(model):
@@ -122,7 +136,7 @@ def test_output_shape_256_one_forward(model):
     with torch.no_grad():
         out = model(s_img, s_mask, q_img)
     assert out.logits.shape == (1, 2, 256, 256)
-    assert out.aux["query_feat"].shape == (1, 512, 16, 16)
+    assert out.query_feats[-1].shape == (1, 512, 16, 16)
     assert torch.isfinite(out.logits).all()
 
 
@@ -133,19 +147,24 @@ def test_stepwise_api_matches_forward_in_eval(model):
         out = model(s_img, s_mask, q_img)
         protos = model.prototypes(model.encode(s_img), s_mask)
         logits = model.segment(model.encode(q_img), protos)
-    torch.testing.assert_close(protos.local, out.aux["prototypes"], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(protos.head.fg, out.aux["head_prototypes"].fg, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_bag(protos), _bag(out.prototypes), rtol=1e-4, atol=1e-4)
+    if isinstance(protos, MatcherPrototypes):
+        torch.testing.assert_close(protos.matcher.fg, out.prototypes.matcher.fg, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits, out.logits, rtol=1e-4, atol=1e-4)
+    prob = model.predict(model.encode_query(q_img), model.encode_support(s_img, s_mask, class_id=2))
+    torch.testing.assert_close(prob, torch.softmax(out.logits, 1)[:, 1], rtol=1e-4, atol=1e-4)
 
 
-def test_gradients_reach_every_parameter_after_ce_align_cyc():
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_reach_every_parameter_after_ce_align_cyc(name):
     torch.manual_seed(0)
-    m = build_model("cwpa_unet").train()
+    m = build_model(name).train()
     s_img, s_mask, q_img, q_mask = _episode(1, 1, 64, seed=1)
-    # the decoder's classifier starts at zero (so its body gets no gradient at step 0): take one step first
+    # the matcher model's decoder classifier starts at zero (so its body gets no gradient at step 0): one step first
     opt = torch.optim.SGD(m.parameters(), lr=0.01)
     weighted_cross_entropy(m(s_img, s_mask, q_img).logits, q_mask).backward()
-    assert m.decoder.stages[0].convs[0][0].weight.grad.abs().sum() == 0  # the zero classifier blocks it
+    blocked = m.decoder.stages[0].convs[0][0].weight.grad.abs().sum() == 0
+    assert blocked == (name == "cwpa_unet_matcher")  # the zero classifier blocks it
     opt.step()
     opt.zero_grad(set_to_none=True)
     out = m(s_img, s_mask, q_img)
@@ -154,9 +173,9 @@ def test_gradients_reach_every_parameter_after_ce_align_cyc():
     align_logits[:, 1] = align_logits[:, 1] + 100.0 * q_mask
     loss = (
         weighted_cross_entropy(out.logits, q_mask)
-        + alignment_loss(out.aux["query_feat"], align_logits, out.aux["support_feat"], s_mask)
+        + alignment_loss(out.query_feats[-1], align_logits, out.support_feats[-1], s_mask)
         + cyclic_consistency_loss(m, s_img, s_mask, q_img, out.logits,
-                                  query_feats=out.aux["query_feats"], support_feats=out.aux["support_feats"])
+                                  query_feats=out.query_feats, support_feats=out.support_feats)
     )
     loss.backward()
     missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
@@ -175,8 +194,8 @@ def test_empty_and_one_pixel_support_masks_give_finite_output(model, kind, train
     with torch.no_grad():
         out = model(s_img, s_mask, q_img)
     model.eval()
-    assert out.aux["prototypes"].shape == (1, 512)
-    assert torch.isfinite(out.logits).all() and torch.isfinite(out.aux["prototypes"]).all()
+    assert _bag(out.prototypes).shape == (1, 512)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(_bag(out.prototypes)).all()
 
 
 def test_eval_mode_is_deterministic(model):
@@ -194,7 +213,7 @@ def test_state_dict_round_trip_via_config(model, tmp_path):
     torch.save({"config": model.config, "state": model.state_dict()}, path)
     ck = torch.load(path, weights_only=True)
     torch.manual_seed(123)  # a different init, replaced by the state dict
-    clone = build_model("cwpa_unet", **ck["config"])
+    clone = type(model)(**ck["config"])
     clone.load_state_dict(ck["state"])
     model.eval()
     clone.eval()
@@ -213,9 +232,10 @@ def test_invalid_inputs_raise_value_error(model):
         model(s_img, s_mask, q_img[:, :, :32, :32])
 
 
-def test_bf16_autocast_and_channels_last_forward_is_finite():
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_autocast_and_channels_last_forward_is_finite(name):
     torch.manual_seed(0)
-    m = build_model("cwpa_unet").eval().to(memory_format=torch.channels_last)
+    m = build_model(name).eval().to(memory_format=torch.channels_last)
     s_img, s_mask, q_img, _ = _episode(1, 1, 64)
     s_img = s_img.contiguous(memory_format=torch.channels_last)
     q_img = q_img.contiguous(memory_format=torch.channels_last)
@@ -231,7 +251,7 @@ def test_bf16_autocast_and_channels_last_forward_is_finite():
 
 def test_tiny_overfit_lowers_the_loss():
     torch.manual_seed(0)
-    m = build_model("cwpa_unet").train()
+    m = build_model("cwpa_unet_matcher").train()
     s_img, s_mask, q_img, q_mask = _episode(1, 1, 64, seed=5)
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     losses = []
@@ -239,65 +259,10 @@ def test_tiny_overfit_lowers_the_loss():
         opt.zero_grad()
         out = m(s_img, s_mask, q_img)
         loss = weighted_cross_entropy(out.logits, q_mask) + alignment_loss(
-            out.aux["query_feat"], out.logits, out.aux["support_feat"], s_mask
+            out.query_feats[-1], out.logits, out.support_feats[-1], s_mask
         )
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert min(losses[-5:]) < 0.3 * losses[0], losses
-
-
-def test_hypercolumn_head_matches_at_one_eighth():
-    torch.manual_seed(0)
-    m = build_model("cwpa_unet", prototype_head="hypercolumn").eval()
-    s_img, s_mask, q_img, _ = _episode(2, 1, 64, seed=6)
-    with torch.no_grad():
-        feats = m.encode(q_img)
-        assert m.head.embed(feats).shape == (1, 256, 8, 8)  # 64 / 8 (F5 alone would be 4x4)
-        out = m(s_img, s_mask, q_img)
-    assert out.logits.shape == (1, 2, 64, 64) and torch.isfinite(out.logits).all()
-
-
-def test_head_guide_feeds_the_heads_probability_to_every_decoder_stage():
-    torch.manual_seed(0)
-    m = build_model("cwpa_unet", head_guide=True).eval()
-    assert m.config["head_guide"] is True and m.decoder.guide_channels == 1
-    s_img, s_mask, q_img, _ = _episode(1, 2, 64, seed=4)
-    with torch.no_grad():
-        q_feats = m.encode(q_img)
-        protos = m.prototypes(m.encode(s_img), s_mask)
-        scores = m.head(q_feats, protos.head)  # at the matching resolution
-        assert scores.shape == (2, 2, 4, 4)
-        # untrained: the decoder's classifier is zero, so the output is still exactly the upsampled head
-        torch.testing.assert_close(m(s_img, s_mask, q_img).logits, m.head(q_feats, protos.head, (64, 64)),
-                                   rtol=1e-5, atol=1e-5)
-        torch.nn.init.normal_(m.decoder.head.weight, std=0.1)
-        enhanced = m.cwpa(q_feats[-1], protos.local)
-        guide = torch.sigmoid(scores[:, 1:2] - scores[:, 0:1])
-        expected = m.decoder(enhanced, q_feats[:-1], guide=guide) + m.head(q_feats, protos.head, (64, 64))
-        torch.testing.assert_close(m.segment(q_feats, protos), expected, rtol=1e-5, atol=1e-5)
-        # the guide changes what the decoder paints
-        flipped = m.decoder(enhanced, q_feats[:-1], guide=1.0 - guide)
-        assert (flipped - m.decoder(enhanced, q_feats[:-1], guide=guide)).abs().max() > 1e-4
-        # the decoder's output depends on the guide (gradient through every stage's extra input channel)
-        guide_leaf = guide.clone().requires_grad_(True)
-    with torch.enable_grad():
-        m.decoder(enhanced, q_feats[:-1], guide=guide_leaf).sum().backward()
-    assert guide_leaf.grad is not None and guide_leaf.grad.abs().sum() > 0
-
-
-def test_head_guide_options_are_validated():
-    from fewshot_proto.models.decoders.unet import UNetDecoder
-
-    with pytest.raises(ValueError, match="head_guide=True needs a prototype head"):
-        build_model("cwpa_unet", prototype_head=None, head_guide=True)
-    dec = UNetDecoder((8, 8, 8, 8, 8), in_channels=16, guide_channels=1)
-    x, skips = torch.zeros(1, 16, 2, 2), [torch.zeros(1, 8, 2 ** k, 2 ** k) for k in (4, 3, 2, 1)]
-    with pytest.raises(ValueError, match="guide_channels=1, got no guide"):
-        dec(x, skips)
-    with pytest.raises(ValueError, match=r"guide must be \[B=1, 1, h, w\]"):
-        dec(x, skips, guide=torch.zeros(1, 2, 2, 2))
-    assert dec(x, skips, guide=torch.zeros(1, 1, 7, 7)).shape == (1, 2, 32, 32)  # any guide size is resized
-    with pytest.raises(ValueError, match="guide_channels=0, got a guide"):
-        UNetDecoder((8, 8, 8, 8, 8), in_channels=16)(x, skips, guide=torch.zeros(1, 1, 2, 2))

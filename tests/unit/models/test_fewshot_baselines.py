@@ -11,22 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fewshot_proto import losses
 from fewshot_proto.engine.checkpoint import save_checkpoint
-from fewshot_proto.engine.trainer import episode_losses
+from fewshot_proto.engine.episodic import episode_losses
 from fewshot_proto.errors import CheckpointError
 from fewshot_proto.losses import alignment_loss, cyclic_consistency_loss
 from fewshot_proto.models import build_model, list_models
-from fewshot_proto.models.fsbaselines import (
-    ALPNet,
-    ClassPrototypes,
-    FineTuneOnSupport,
-    PANet,
-    alpnet_prototypes,
-    class_score,
-    local_prototypes,
-    mask_fraction,
-    panet_prototypes,
-)
+from fewshot_proto.models.fsbaselines import ALPNet, FineTuneOnSupport, PANet, adaptation_loss
+from fewshot_proto.models.heads.alp import alpnet_prototypes, local_prototypes, mask_fraction, panet_prototypes
+from fewshot_proto.models.heads.scores import ClassPrototypes, class_score
 from fewshot_proto.types import SegOutput
 
 # torchvision ResNet-34 without fc; ALPNet adds the bias-free 1x1 projection 512 -> 256.
@@ -96,7 +89,8 @@ def test_registered_with_kind_and_config(panet, alpnet):
         "window": 2, "eval_window": 1, "fg_thresh": 0.95, "bg_thresh": 0.95,
     }
     ft = build_model("finetune", **FT_SMALL)
-    assert isinstance(ft, FineTuneOnSupport) and ft.kind == "fewshot" and ft.supports_cyclic is False
+    assert isinstance(ft, FineTuneOnSupport) and ft.kind == "fewshot" and ft.feature_losses is False
+    assert panet.feature_losses is True and alpnet.feature_losses is True
     assert ft.config["base"] == "unet" and ft.config["checkpoint"] is None
     assert ft.config["base_kwargs"] == build_model("unet", **SMALL_UNET).config
     rebuilt = build_model("finetune", **ft.config)
@@ -147,14 +141,18 @@ def test_prototype_model_shapes(proto_models, name, shots, train):
     assert isinstance(out, SegOutput)
     assert out.logits.shape == (2, 2, 64, 64) and out.logits.dtype == torch.float32
     assert torch.isfinite(out.logits).all()
-    assert out.aux["query_feat"].shape == (2, d, 4, 4)
-    assert out.aux["support_feat"].shape == (shots, d, 4, 4)
-    protos = out.aux["class_prototypes"]
+    assert len(out.query_feats) == len(out.support_feats) == 1  # the projected bottleneck only
+    assert out.query_feats[-1].shape == (2, d, 4, 4)
+    assert out.support_feats[-1].shape == (shots, d, 4, 4)
+    protos = out.prototypes
+    assert isinstance(protos, ClassPrototypes)
     n_bg, n_fg = protos.counts
-    assert n_bg >= 1 and n_fg >= 1 and protos.bg.shape[1] == protos.fg.shape[1] == d
-    assert out.aux["prototypes"].shape == (n_bg + n_fg, d)
+    assert n_bg >= 1 and n_fg >= 1 and protos.bg.shape == (n_bg, d) and protos.fg.shape == (n_fg, d)
     if name == "panet":
         assert protos.counts == (1, 1)
+    with torch.no_grad():  # the bundle is what ``prototypes`` gives for the support features
+        again = model.prototypes(out.support_feats, s_mask)
+    assert torch.equal(again.bg, protos.bg) and torch.equal(again.fg, protos.fg)
 
 
 def test_prototype_model_shape_at_128_and_size_check(panet):
@@ -177,7 +175,8 @@ def test_finetune_shapes(shots):
     s_img, s_mask, q_img, _ = _episode(shots, 3, 64)
     with torch.no_grad():
         out = model(s_img, s_mask, q_img)
-    assert out.logits.shape == (3, 2, 64, 64) and out.aux == {}
+    assert out.logits.shape == (3, 2, 64, 64)
+    assert out.support_feats is None and out.query_feats is None and out.prototypes is None
     assert torch.isfinite(out.logits).all()
 
 
@@ -314,7 +313,7 @@ def test_gradients_reach_every_parameter_through_ce_and_alignment(name):
     s_img, s_mask, q_img, q_mask = _episode(2, 2, 64)
     out = model(s_img, s_mask, q_img)
     ce = F.cross_entropy(out.logits, q_mask)
-    al = alignment_loss(out.aux["query_feat"], out.logits, out.aux["support_feat"], s_mask)
+    al = alignment_loss(out.query_feats[-1], out.logits, out.support_feats[-1], s_mask)
     (ce + al).backward()
     for pname, p in model.named_parameters():
         assert p.requires_grad
@@ -330,7 +329,7 @@ def test_cyclic_loss_works_with_the_prototype_bundle(proto_models, name):
     s_img, s_mask, q_img, _ = _episode(1, 2, 64)
     out = model(s_img, s_mask, q_img)
     cy = cyclic_consistency_loss(model, s_img, s_mask, q_img, out.logits,
-                                 query_feats=out.aux["query_feats"], support_feats=out.aux["support_feats"])
+                                 query_feats=out.query_feats, support_feats=out.support_feats)
     assert cy.ndim == 0 and torch.isfinite(cy)
     cy.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
@@ -503,6 +502,38 @@ def test_finetune_losses_and_sgd(loss):
     s_img, s_mask, q_img, _ = _episode(1, 1, 64)
     with torch.no_grad():
         assert torch.isfinite(model(s_img, s_mask, q_img).logits).all()
+
+
+# the support losses of fine-tune and MAML are written in the models (which never import ``fewshot_proto.losses``):
+# they must equal the training losses
+@pytest.mark.parametrize("seed", [0, 1])
+def test_adaptation_loss_equals_the_training_losses(seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = 3.0 * torch.randn(3, 2, 16, 16, generator=g)
+    target = (torch.rand(3, 16, 16, generator=g) > 0.6).long()
+    target[2] = 0  # an item without foreground
+    torch.testing.assert_close(adaptation_loss(logits, target, "ce"), losses.weighted_cross_entropy(logits, target))
+    torch.testing.assert_close(adaptation_loss(logits, target, "dice"),
+                               losses.dice_loss(logits, target, softmax=True, include_background=False))
+    torch.testing.assert_close(adaptation_loss(logits, target, "dice_bce"),
+                               losses.dice_bce_loss(logits[:, 1] - logits[:, 0], target.float()))
+    for name in ("ce", "dice", "dice_bce"):
+        assert adaptation_loss(logits.bfloat16(), target, name).dtype == torch.float32
+
+
+def test_adaptation_loss_known_answers_on_2x2():
+    # z = fg - bg = [[ln3, ln3], [-ln3, 0]] -> p_fg = [[3/4, 3/4], [1/4, 1/2]]; target [[1, 1], [0, 0]]
+    ln3 = math.log(3.0)
+    bg = torch.tensor([[1.0, -1.0], [2.0, 0.5]])
+    z = torch.tensor([[ln3, ln3], [-ln3, 0.0]])
+    logits = torch.stack([bg, bg + z]).unsqueeze(0)  # [1, 2, 2, 2]
+    target = torch.tensor([[[1, 1], [0, 0]]])
+    ce = (3 * math.log(4 / 3) + math.log(2)) / 4  # -log 3/4 three times, -log 1/2 once
+    # Dice of the foreground: sum(p g) = 3/2, sum(p) = 9/4, sum(g) = 2, smoothing 1e-5
+    dice = 1 - (2 * 1.5 + 1e-5) / (2.25 + 2 + 1e-5)
+    assert adaptation_loss(logits, target, "ce").item() == pytest.approx(ce, rel=1e-6)
+    assert adaptation_loss(logits, target, "dice").item() == pytest.approx(dice, rel=1e-6)
+    assert adaptation_loss(logits, target, "dice_bce").item() == pytest.approx(0.8 * dice + 0.2 * ce, rel=1e-6)
 
 
 def test_finetune_few_shot_base():

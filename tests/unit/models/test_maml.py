@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from fewshot_proto.engine.trainer import episode_losses
+from fewshot_proto.engine.episodic import episode_losses
 from fewshot_proto.models import MODELS, build_model, list_models
-from fewshot_proto.models.fsbaselines import MAMLSegmenter
+from fewshot_proto.models.fsbaselines import Adapted, AdaptingSegmenter, MAMLSegmenter
 
 SMALL: Dict[str, Any] = {"base_channels": 4, "inner_steps": 2}
 
@@ -102,8 +102,9 @@ def model(l2l):
 
 
 def test_registered_with_kind_config_and_learn2learn_wrapper(l2l, model):
-    assert "maml_unet" in list_models() and MODELS.get("maml_unet").__name__ == "maml_unet"
-    assert isinstance(model, MAMLSegmenter) and model.kind == "fewshot" and model.supports_cyclic is False
+    assert "maml_unet" in list_models() and MODELS.get("maml_unet") is MAMLSegmenter
+    assert isinstance(model, MAMLSegmenter) and model.kind == "fewshot" and model.feature_losses is False
+    assert isinstance(model, AdaptingSegmenter) and model.needs_support is True
     assert isinstance(model.maml, l2l.algorithms.MAML) and model.maml.first_order is True
     assert model.maml.lr == model.inner_lr == 0.1
     assert model.config == {"in_channels": 3, "base_channels": 4, "depth": 4, "norm": "instance",
@@ -112,8 +113,28 @@ def test_registered_with_kind_config_and_learn2learn_wrapper(l2l, model):
     rebuilt = build_model("maml_unet", **model.config)
     assert rebuilt.config == model.config
     rebuilt.load_state_dict(model.state_dict())  # same keys and shapes
-    # no step methods: the evaluator must call forward (the support matters)
-    assert not any(hasattr(model, m) for m in ("encode", "prototypes", "segment", "segment_image", "to_binary"))
+    # not a supervised model: no support-free segmentation (the support matters)
+    assert not any(hasattr(model, m) for m in ("segment_image", "to_binary"))
+
+
+def test_step_api_adapts_on_the_support_image_and_matches_forward(model):
+    """``encode`` is the image, ``prototypes`` the clone adapted on the support, ``segment`` that clone on the
+    query: the steps (what the evaluator calls) give the logits of ``forward``."""
+    s_img, s_mask, q_img, _ = _episode(2, 2)
+    model.eval()
+    with torch.no_grad():
+        ref = model(s_img, s_mask, q_img).logits
+        feats = model.encode(s_img)
+        assert len(feats) == 1 and torch.equal(feats[0], s_img)
+        adapted = model.prototypes(feats, s_mask)
+        assert isinstance(adapted, Adapted) and torch.equal(adapted.support_img, s_img)
+        assert torch.equal(adapted.support_mask, s_mask)
+        fast = model.segment(model.encode(q_img), adapted)
+        assert torch.equal(fast, ref)
+        prob = model.predict(model.encode_query(q_img), model.encode_support(s_img, s_mask, class_id=1))
+        assert torch.allclose(prob, torch.softmax(ref, dim=1)[:, 1], atol=1e-6)
+        with pytest.raises(ValueError, match="Adapted"):
+            model.segment([q_img], s_mask)
 
 
 def test_default_norm_is_per_slice_and_keeps_no_buffers(model):
@@ -154,7 +175,8 @@ def test_shapes(model, shots, train):
     s_img, s_mask, q_img, _ = _episode(shots, 3)
     model.train(train)
     out = model(s_img, s_mask, q_img)
-    assert out.logits.shape == (3, 2, 32, 32) and out.aux == {}
+    assert out.logits.shape == (3, 2, 32, 32)
+    assert out.support_feats is None and out.query_feats is None and out.prototypes is None
     assert torch.isfinite(out.logits).all()
     assert out.logits.requires_grad  # grad mode on: the logits hang on the base weights
 

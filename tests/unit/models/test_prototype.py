@@ -1,4 +1,5 @@
-"""CWPA steps on hand-made tensors: local prototypes, fallback, correlation, aggregation, enhancement."""
+"""CWPA steps (``fewshot_proto.models.heads.cwpa``) on hand-made tensors: local prototypes, fallback, correlation,
+aggregation, enhancement. The masked average pooling it falls back on is tested in ``test_heads.py``."""
 from __future__ import annotations
 
 import math
@@ -7,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fewshot_proto.losses.alignment import bilinear_adjoint, masked_average_pool
-from fewshot_proto.models.prototype import CWPA, aggregate, correlation, enhance, local_prototypes
+from fewshot_proto.models.heads import CWPA
+from fewshot_proto.models.heads.cwpa import aggregate, bag_prototypes, correlation, enhance, local_prototypes
 
 
 def _naive_pool(feat: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -38,17 +39,6 @@ def test_kshot_pools_all_slices_into_one_bag():
     assert p.shape == (8, 5)
     assert torch.equal(p[:4], feat[0, :, :2, :2].permute(1, 2, 0).reshape(4, 5))
     assert torch.equal(p[4:], feat[2, :, 0, :].T)
-
-
-@pytest.mark.parametrize("h,H", [(4, 16), (3, 7), (5, 5)])
-def test_masked_average_pool_equals_upsample_then_pool(h, H):
-    torch.manual_seed(0)
-    feat = torch.randn(2, 6, h, h + 1)
-    mask = torch.rand(2, H, H + 2)
-    torch.testing.assert_close(masked_average_pool(feat, mask), _naive_pool(feat, mask), rtol=1e-5, atol=1e-6)
-    per = masked_average_pool(feat, mask, pool_batch=False)
-    torch.testing.assert_close(per[1], _naive_pool(feat[1:], mask[1:]), rtol=1e-5, atol=1e-6)
-    assert bilinear_adjoint(mask, (h, h + 1)).shape == (2, h, h + 1)
 
 
 def test_fallback_for_one_pixel_mask_is_masked_average():
@@ -116,7 +106,11 @@ def test_cwpa_module_background_option_and_validation():
     mask = torch.zeros(1, 16, 16)
     mask[0, :8, :8] = 1  # 4 fg cells, 12 bg cells
     assert CWPA().prototypes(feat, mask).shape == (4, 4)
-    assert CWPA(use_background=True).prototypes(feat, mask).shape == (16, 4)
+    both = CWPA(use_background=True).prototypes(feat, mask)
+    assert both.shape == (16, 4)  # foreground cells first, then background ones
+    assert torch.equal(both, torch.cat([local_prototypes(feat, mask), local_prototypes(feat, 1.0 - mask)]))
+    assert torch.equal(bag_prototypes(feat, mask, use_background=True), both)
+    assert torch.equal(bag_prototypes(feat, mask), CWPA().prototypes(feat, mask))
     assert CWPA()(torch.randn(3, 4, 4, 4), CWPA().prototypes(feat, mask)).shape == (3, 8, 4, 4)
     with pytest.raises(ValueError, match="tau"):
         CWPA(tau=1.5)
