@@ -3,7 +3,7 @@
 An experiment file has up to six sections, each a dataclass below::
 
     data:       {root: ../data/chaos_t2, size: 256, ...}           -> DataConfig
-    model:      {name: cwpa_unet, kwargs: {tau: 0.5, ...}}          -> ModelConfig -> build_model(name, **kwargs)
+    model:      {name: cwpa_unet_matcher, kwargs: {tau: 0.5, ...}}          -> ModelConfig -> build_model(name, **kwargs)
     episodes:   {shots: 1, mode: mixed, ...}                        -> EpisodeConfig (few-shot training sampler)
     protocol:   {name: alpnet, setting: 2, test_classes: [2, 3]}   -> ProtocolConfig (evaluation)
     train:      {iters: 1000, lr: 5e-4, ...}                        -> TrainConfig
@@ -90,7 +90,7 @@ class DataConfig:
 class ModelConfig:
     """``build_model(name, **kwargs)``."""
 
-    name: str = "cwpa_unet"
+    name: str = "cwpa_unet_matcher"
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -113,6 +113,10 @@ class EpisodeConfig:
     min_fg_pixels: int = 16
 
 
+#: chunks per organ in the field's protocol (SSL-ALPNet's ``n_part``); the default of every function that takes one
+N_PART = 3
+
+
 @dataclass
 class ProtocolConfig:
     """Evaluation protocol (DESIGN.md section 5).
@@ -130,7 +134,7 @@ class ProtocolConfig:
     test_classes: List[int] = field(default_factory=lambda: [2, 3])
     fold: int = 0
     n_folds: int = 5
-    n_part: int = 3
+    n_part: int = N_PART
     shots: int = 1
 
 

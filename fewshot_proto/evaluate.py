@@ -62,13 +62,11 @@ def run(args: argparse.Namespace) -> int:
     from fewshot_proto.data import dataset_from_config
     from fewshot_proto.engine import evaluate, model_from_checkpoint
     from fewshot_proto.engine.evaluator import protocol_specs
-    from fewshot_proto.engine.runtime import configure_threads, resolve_device
+    from fewshot_proto.engine.runtime import Runtime, resolve_device
     from fewshot_proto.metrics.report import format_dice_table
 
-    configure_threads()
     device = resolve_device(args.device or "auto")
     model, ckpt = model_from_checkpoint(args.checkpoint, map_location=device)
-    model.to(device)
     cfg = config_from_dict(ckpt.get("config") or {}, where=f"checkpoint {args.checkpoint}")
     cfg = apply_overrides(cfg, {
         "data.root": args.data, "data.layout": args.layout, "protocol.name": args.protocol,
@@ -77,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         "train.precision": args.precision}, where="command line")
     if args.data is not None and args.layout is None:
         cfg.data.layout = "auto"
+    runtime = Runtime.resolve(str(device), cfg.train.precision, cfg.train.channels_last)
+    model.to(runtime.device)
     dataset = dataset_from_config(cfg.data)
     dataset.check_integrity()
     folds = parse_folds(args.folds)
@@ -93,9 +93,7 @@ def run(args: argparse.Namespace) -> int:
         m = load_manifest(args.episodes)
         meta.update(protocol=m.protocol, setting=m.setting, folds=list(m.folds), shots=m.shots,
                     test_classes=list(m.test_classes))
-    summary = evaluate(model, dataset, specs, size=cfg.data.size, device=device,
-                       precision=cfg.train.precision, channels_last=cfg.train.channels_last,
-                       batch_size=args.batch_size, out_dir=out, overlays=not args.no_overlays,
+    summary = evaluate(model, dataset, specs, size=cfg.data.size, runtime=runtime, batch_size=args.batch_size, out_dir=out, overlays=not args.no_overlays,
                        progress=not args.no_progress, meta=meta)
     print(format_dice_table(summary))
     t = summary["timing"]

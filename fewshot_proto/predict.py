@@ -171,22 +171,21 @@ def _predict(argv: Optional[List[str]]) -> int:
     from fewshot_proto.data import read_volume, write_prediction
     from fewshot_proto.engine.checkpoint import model_from_checkpoint
     from fewshot_proto.engine.predictor import predict_volume
-    from fewshot_proto.engine.runtime import configure_threads, resolve_device
+    from fewshot_proto.engine.runtime import Runtime, resolve_device
 
-    configure_threads()
     device = resolve_device(args.device)
     model, ckpt = model_from_checkpoint(args.checkpoint, map_location=device)
-    model.to(device)
     cfg = config_from_dict(ckpt.get("config") or {}, where=f"checkpoint {args.checkpoint}")
+    runtime = Runtime.resolve(str(device), args.precision or cfg.train.precision, cfg.train.channels_last)
+    model.to(runtime.device)
     axis = cfg.data.slice_axis if args.slice_axis is None else args.slice_axis
     n_part = cfg.protocol.n_part if args.n_part is None else args.n_part
     kw = dict(slice_axis=axis, normalise=cfg.data.normalise, ct_window=cfg.data.ct_window,
               label_map=cfg.data.label_map, drop_unmapped=cfg.data.drop_unmapped)
     supports = [read_volume(img, lab, **kw) for img, lab in zip(args.support, args.support_label)]
     query = read_volume(args.query, None, **kw)
-    pred = predict_volume(model, supports, query, args.classes, size=cfg.data.size, n_part=n_part,
-                          device=device, precision=args.precision or cfg.train.precision,
-                          channels_last=cfg.train.channels_last, threshold=args.threshold)
+    pred = predict_volume(model, supports, query, args.classes, size=cfg.data.size, n_part=n_part, runtime=runtime,
+                          threshold=args.threshold)
     path = write_prediction(pred, query, out)
     counts = {int(c): int((pred == int(c)).sum()) for c in args.classes}
     print(f"wrote {path}: voxels per class {counts}")

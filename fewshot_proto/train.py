@@ -186,14 +186,15 @@ def run(cfg: ExperimentConfig, *, resume: Optional[str] = None, overwrite: bool 
     from fewshot_proto.data import dataset_from_config
     from fewshot_proto.engine import evaluate, train
     from fewshot_proto.engine.evaluator import protocol_specs
-    from fewshot_proto.engine.runtime import resolve_device, resolve_precision
+    from fewshot_proto.engine.runtime import Runtime
     from fewshot_proto.engine.trainer import open_training_folder
     from fewshot_proto.metrics.report import format_dice_table
 
     t0 = time.perf_counter()
     dataset = dataset_from_config(cfg.data)
     p = cfg.protocol
-    precision = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device))
+    runtime = Runtime.from_train_config(cfg.train)  # resolved once for training and evaluation
+    precision = runtime.precision
     folder = None
     if rank == 0:
         folder = open_training_folder(cfg, dataset.name, resume=resume, overwrite=overwrite, world_size=world_size)
@@ -212,7 +213,8 @@ def run(cfg: ExperimentConfig, *, resume: Optional[str] = None, overwrite: bool 
                   + (f" | resumed from {resume}" if resume else "")
                   + (f" | {world_size} ranks" if world_size > 1 else ""))
             print("config (saved as config.yaml in the run folder):\n" + format_config(cfg), flush=True)
-        result = train(cfg, resume=resume, progress=progress, dataset=dataset, rank=rank, world_size=world_size)
+        result = train(cfg, resume=resume, progress=progress, dataset=dataset, rank=rank, world_size=world_size,
+                       runtime=runtime)
         if rank != 0:
             return 0
         t_train = time.perf_counter() - t0
@@ -224,9 +226,8 @@ def run(cfg: ExperimentConfig, *, resume: Optional[str] = None, overwrite: bool 
             return 0
         specs = protocol_specs(dataset, p)
         out = Path(cfg.train.out) / "eval"
-        summary = evaluate(result.model, dataset, specs, size=cfg.data.size,
-                           device=resolve_device(cfg.train.device), precision=precision,
-                           channels_last=cfg.train.channels_last, out_dir=out, progress=progress,
+        summary = evaluate(result.model, dataset, specs, size=cfg.data.size, runtime=runtime, out_dir=out,
+                           progress=progress,
                            meta={"protocol": p.name, "setting": p.setting, "fold": p.fold, "shots": p.shots,
                                  "test_classes": list(p.test_classes), "checkpoint": str(result.checkpoint),
                                  "train_seconds": t_train, "iters": result.steps})

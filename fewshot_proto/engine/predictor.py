@@ -9,13 +9,17 @@ probability among those above ``threshold``.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fewshot_proto.engine.runtime import autocast, to_memory_format
+from fewshot_proto.config import N_PART
+from fewshot_proto.data.transforms import prepare_slices
+from fewshot_proto.engine.inference import check_model_classes, check_segmenter, encode_queries, foreground, support_state
+from fewshot_proto.engine.runtime import Runtime
+from fewshot_proto.episodes.protocol import support_slice_positions
 from fewshot_proto.errors import DataError
 from fewshot_proto.types import Volume
 
@@ -33,30 +37,22 @@ def relative_chunks(n_query: int, support_zs: Sequence[int], n_support: int, n_p
 
 @torch.inference_mode()
 def predict_volume(model: torch.nn.Module, supports: Sequence[Volume], query: Volume, classes: Sequence[int], *,
-                   size: int, n_part: int = 3, device: torch.device | str = "cpu", precision: str = "fp32",
-                   channels_last: bool = False, batch_size: int = 16, threshold: float = 0.5,
-                   return_probs: bool = False):
+                   size: int, n_part: int = N_PART, runtime: Optional[Runtime] = None, batch_size: int = 16,
+                   threshold: float = 0.5, return_probs: bool = False):
     """Label volume ``[Z, H, W]`` (values in ``classes`` or 0) of ``query`` at its own resolution.
 
     ``supports``: labelled support volumes (k-shot: several). ``classes``: label values to segment; each must
-    be present in every support volume.
+    be present in every support volume. ``n_part``: support chunks per organ (use the checkpoint's protocol
+    setting). ``runtime``: device, precision and memory format (default ``Runtime()``: CPU, fp32).
     """
-    from fewshot_proto.data.transforms import prepare_slices
-    from fewshot_proto.engine.evaluator import has_fast_path
-    from fewshot_proto.episodes.protocol import support_slice_positions
-
-    device = torch.device(device)
+    model = check_segmenter(model)
+    runtime = runtime or Runtime()
     model.eval()
     if not classes:
         raise ValueError("predict_volume needs at least one class")
+    check_model_classes(model, classes)
     q_img_np, _ = prepare_slices(query, list(range(query.n_slices)), size)
-    q_img = to_memory_format(torch.from_numpy(np.ascontiguousarray(q_img_np)).to(device), channels_last)
-    fast = has_fast_path(model)
-    q_feats = None
-    if fast:
-        with autocast(device, precision):
-            feats = [model.encode(q_img[i:i + batch_size]) for i in range(0, q_img.shape[0], batch_size)]
-        q_feats = [torch.cat([f[lvl] for f in feats]) for lvl in range(len(feats[0]))]
+    q_state = encode_queries(model, runtime.tensor(q_img_np, torch.float32), runtime, batch_size)
     h0, w0 = query.image.shape[1:]
     probs: Dict[int, np.ndarray] = {}
     for c in classes:
@@ -77,25 +73,15 @@ def predict_volume(model: torch.nn.Module, supports: Sequence[Volume], query: Vo
             chunk_maps.append(relative_chunks(query.n_slices, zs, sv.n_slices, n_part))
         # with several supports, chunk assignment from the first (they agree up to anatomy variation)
         chunks = chunk_maps[0]
-        prob = torch.empty((query.n_slices, size, size), dtype=torch.float32, device=device)
+        prob = torch.empty((query.n_slices, size, size), dtype=torch.float32, device=runtime.device)
         for k in range(n_part):
             rows = np.flatnonzero(chunks == k)
             if len(rows) == 0:
                 continue
-            s_img = to_memory_format(torch.from_numpy(np.stack([a for a, _ in per_chunk_support[k]])).to(device),
-                                     channels_last)
-            s_mask = torch.from_numpy(np.stack([m for _, m in per_chunk_support[k]])).to(device)
-            with autocast(device, precision):
-                protos = model.prototypes(model.encode(s_img), s_mask) if fast else None
-                for i in range(0, len(rows), batch_size):
-                    r = torch.as_tensor(rows[i:i + batch_size], device=device)
-                    if fast:
-                        logits = model.segment([f.index_select(0, r) for f in q_feats], protos)
-                    elif hasattr(model, "binary_logits"):  # supervised: the query alone, this class's channel
-                        logits = model.binary_logits(q_img.index_select(0, r), c)
-                    else:
-                        logits = model(s_img, s_mask, q_img.index_select(0, r)).logits
-                    prob[r] = torch.softmax(logits.float(), 1)[:, 1]
+            state = support_state(model, np.stack([a for a, _ in per_chunk_support[k]]),
+                                  np.stack([m for _, m in per_chunk_support[k]]), c, runtime)
+            prob[torch.as_tensor(rows, device=runtime.device)] = foreground(model, q_state, rows, state, runtime,
+                                                                           batch_size)
         if (h0, w0) != (size, size):
             prob = F.interpolate(prob[:, None], size=(h0, w0), mode="bilinear", align_corners=False)[:, 0]
         probs[c] = prob.cpu().numpy()

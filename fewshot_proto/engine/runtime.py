@@ -1,17 +1,71 @@
-"""Device, precision and thread settings shared by training, evaluation and prediction."""
+"""Where and how a process computes: device, precision, memory format and threads, resolved once (``Runtime``).
+
+Each entry point (``train``, the ``evaluate`` and ``predict`` CLIs) builds one :class:`Runtime` with
+:meth:`Runtime.resolve` at start (``"auto"`` device and precision decided there, threads set there) and passes it
+down; nothing below resolves them again.
+
+    rt = Runtime.resolve(device="auto", precision="auto", channels_last=False, threads=None)
+    with rt.autocast():
+        logits = model(rt.tensor(support_img), ...)
+"""
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-from typing import FrozenSet, Optional
+from dataclasses import dataclass
+from typing import Any, FrozenSet, Optional
 
+import numpy as np
 import torch
 
 from fewshot_proto.config import PRECISIONS
 from fewshot_proto.errors import ConfigError
 
-__all__ = ["resolve_device", "resolve_precision", "native_bf16", "autocast", "configure_threads", "to_memory_format"]
+__all__ = ["Runtime", "resolve_device", "resolve_precision", "native_bf16", "autocast", "configure_threads",
+           "to_memory_format"]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A resolved device, precision (``"fp32"``, ``"bf16"`` or ``"fp16"``, never ``"auto"``), memory format and
+    thread count. Build it with :meth:`resolve` (or :meth:`from_train_config`); ``Runtime()`` is CPU in fp32."""
+
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"
+    channels_last: bool = False
+    threads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"Runtime: precision must be resolved to fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("precision fp16 needs a CUDA device; use bf16 on CPU")
+
+    @classmethod
+    def resolve(cls, device: str = "auto", precision: str = "auto", channels_last: bool = False,
+                threads: Optional[int] = None) -> "Runtime":
+        """Decide ``"auto"`` device and precision, set torch's thread count (:func:`configure_threads`)."""
+        dev = resolve_device(device)
+        return cls(device=dev, precision=resolve_precision(precision, dev), channels_last=bool(channels_last),
+                   threads=configure_threads(threads))
+
+    @classmethod
+    def from_train_config(cls, t: Any) -> "Runtime":
+        """From a ``TrainConfig`` (``device``, ``precision``, ``channels_last``, ``threads``)."""
+        return cls.resolve(t.device, t.precision, t.channels_last, t.threads)
+
+    def autocast(self):
+        """The autocast context of ``precision`` (a no-op for fp32)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def tensor(self, array: Any, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """A numpy array or tensor on ``device`` (as ``dtype`` if given), channels-last when 4-D and asked for."""
+        t = torch.from_numpy(np.ascontiguousarray(array)) if isinstance(array, np.ndarray) else array
+        t = t.to(self.device) if dtype is None else t.to(self.device, dtype=dtype)
+        return to_memory_format(t, self.channels_last)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -37,10 +91,8 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
-@functools.lru_cache(maxsize=1)
 def _cpu_flags() -> FrozenSet[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo``, read once per process (``autocast(device, "auto")`` runs
-    per batch in evaluation); empty where the file does not exist."""
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where the file does not exist)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -63,18 +115,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str = "fp32"):
-    """Autocast context for ``precision`` in {"auto", "fp32", "bf16", "fp16"} (fp16 only on CUDA; ``"auto"`` as
-    ``resolve_precision``)."""
-    precision = resolve_precision(precision, device)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("precision fp16 needs a CUDA device; use bf16 on CPU")
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    raise ConfigError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
+    """Autocast context for ``precision`` in {"auto", "fp32", "bf16", "fp16"} on ``device`` (fp16 only on CUDA):
+    ``Runtime(device, resolve_precision(precision, device)).autocast()``."""
+    return Runtime(device=device, precision=resolve_precision(precision, device)).autocast()
 
 
 def configure_threads(threads: Optional[int] = None) -> int:

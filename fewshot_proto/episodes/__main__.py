@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from fewshot_proto.config import N_PART
 from fewshot_proto.errors import ProtocolError, run_cli
 
 from .manifest import freeze, load_manifest, manifest_mismatches, save_manifest
@@ -49,11 +50,11 @@ def parse_int_list(text: str) -> List[int]:
 
 
 def default_manifest_name(dataset: str, protocol: str, setting: int, test_classes: Sequence[int], shots: int,
-                          n_part: int = 3, folds: Optional[Sequence[int]] = None, n_folds: int = 5) -> str:
+                          n_part: int = N_PART, folds: Optional[Sequence[int]] = None, n_folds: int = 5) -> str:
     """``<dataset>_<protocol>_setting<S>_<classes>_<k>shot[_<n>part][_folds<..>].json``."""
     sep = "" if all(0 <= int(c) < 10 for c in test_classes) else "-"
     name = f"{dataset}_{protocol}_setting{int(setting)}_{sep.join(str(int(c)) for c in test_classes)}_{int(shots)}shot"
-    if int(n_part) != 3:
+    if int(n_part) != N_PART:
         name += f"_{int(n_part)}part"
     if folds is not None and sorted(int(f) for f in folds) != list(range(int(n_folds))):
         name += "_folds" + "-".join(str(int(f)) for f in folds)

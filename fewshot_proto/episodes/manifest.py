@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from fewshot_proto.config import N_PART
 from fewshot_proto.errors import ProtocolError
 from fewshot_proto.types import SliceIndex
 
@@ -109,7 +110,7 @@ class Manifest:
 
 
 def freeze(index: SliceIndex, protocol: str = "alpnet", folds: Sequence[int] = (0, 1, 2, 3, 4), n_folds: int = 5,
-           setting: int = 2, test_classes: Sequence[int] = (2, 3), shots: int = 1, n_part: int = 3) -> Manifest:
+           setting: int = 2, test_classes: Sequence[int] = (2, 3), shots: int = 1, n_part: int = N_PART) -> Manifest:
     """Build the episodes of ``folds`` and wrap them with their provenance in a :class:`Manifest`."""
     folds = [int(f) for f in folds]
     if not folds:

@@ -66,6 +66,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
+from fewshot_proto.config import N_PART
 from fewshot_proto.errors import ProtocolError
 from fewshot_proto.registry import Registry
 from fewshot_proto.types import SliceIndex, natural_key
@@ -402,7 +403,7 @@ def train_classes_for(index: SliceIndex, test_classes: Iterable[int]) -> List[in
 
 # ---------------------------------------------------------------------------------------------- episodes
 def build_eval_episodes(index: SliceIndex, protocol: str = "alpnet", fold: int = 0, n_folds: int = 5,
-                        shots: int = 1, n_part: int = 3, test_classes: Sequence[int] = (2, 3),
+                        shots: int = 1, n_part: int = N_PART, test_classes: Sequence[int] = (2, 3),
                         setting: int = 2, on_missing: str = "skip") -> List[EpisodeSpec]:
     """Evaluation episodes of one fold: one :class:`EpisodeSpec` per (test class, query scan).
 

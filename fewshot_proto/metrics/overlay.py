@@ -19,6 +19,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from fewshot_proto.config import N_PART
+
 __all__ = [
     "PANEL_GAP",
     "LABEL_H",
@@ -201,7 +203,7 @@ def pick_slices(
     truth: Optional[np.ndarray],
     pred: Optional[np.ndarray] = None,
     *,
-    n_part: int = 3,
+    n_part: int = N_PART,
     max_slices: int = 4,
 ) -> List[int]:
     """Representative slice indices of a ``[Z, H, W]`` case, sorted.
@@ -251,7 +253,7 @@ def save_volume_overlays(
     *,
     zs: Optional[Sequence[int]] = None,
     support_index: Union[None, Sequence[int], Callable[[int], int]] = None,
-    n_part: int = 3,
+    n_part: int = N_PART,
     max_slices: int = 4,
     prefix: str = "",
     title: Optional[str] = None,

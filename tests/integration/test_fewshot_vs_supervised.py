@@ -63,7 +63,7 @@ def test_quick_run_writes_one_row_per_method(bench, quick_run):
     sup = {r["row"]: r for r in doc["rows"].values() if r["family"] == "supervised"}
     assert {r["n_labelled"] for r in sup.values() if r["method"] == "unet"} == {1, 2, 4, 7}  # 7 = all of the fold
     assert [len(sup[f"unet/n={n}"]["labelled_scans"]) for n in (1, 2, 4, "all")] == [1, 2, 4, 7]
-    assert doc["rows"]["cwpa_unet/5-shot"]["eval_shots"] == 5
+    assert doc["rows"]["cwpa_unet_matcher/5-shot"]["eval_shots"] == 5
 
     with open(out / "fewshot_vs_supervised.csv", newline="") as f:
         lines = list(csv.DictReader(f))

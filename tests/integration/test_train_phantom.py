@@ -89,10 +89,10 @@ def test_worker_process_thread_and_inline_sampling_train_identically(tmp_path, p
 
 
 def test_interrupt_saves_checkpoint(tmp_path, phantom_dataset, monkeypatch):
-    from fewshot_proto.engine import trainer
+    from fewshot_proto.engine import episodic
 
     calls = {"n": 0}
-    real = trainer.episode_losses
+    real = episodic.episode_losses
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -100,7 +100,7 @@ def test_interrupt_saves_checkpoint(tmp_path, phantom_dataset, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(trainer, "episode_losses", flaky)
+    monkeypatch.setattr(episodic, "episode_losses", flaky)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_cfg(tmp_path / "k", **{"train.ckpt_every": 100}), progress=False, dataset=phantom_dataset)
     ck = torch.load(tmp_path / "k" / "checkpoint.pt", weights_only=True)

@@ -28,8 +28,9 @@ import torch
 
 from fewshot_proto.config import ProtocolConfig
 from fewshot_proto.data import InMemoryDataset
-from fewshot_proto.engine.evaluator import evaluate, has_fast_path, has_image_path, protocol_specs
-from fewshot_proto.types import SegOutput, Volume
+from fewshot_proto.engine.evaluator import evaluate, protocol_specs
+from fewshot_proto.models.base import FewShotSegmenter
+from fewshot_proto.types import Volume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -135,12 +136,16 @@ def _segment(log: _Log, q_img: torch.Tensor, proto) -> torch.Tensor:
     return torch.stack([torch.zeros_like(fg_logit), fg_logit], dim=1)
 
 
-class FastPathModel(torch.nn.Module):
-    """``encode / prototypes / segment``: the evaluator's fast path (query slices encoded once per scan)."""
+class FastPathModel(FewShotSegmenter):
+    """``encode / prototypes / segment`` (the model contract): the query slices are encoded once per scan."""
 
     def __init__(self) -> None:
         super().__init__()
         self.log = _Log()
+
+    @property
+    def input_multiple(self) -> int:
+        return 1
 
     def encode(self, x: torch.Tensor) -> List[torch.Tensor]:
         self.log.encodes.append(markers(x))
@@ -152,19 +157,15 @@ class FastPathModel(torch.nn.Module):
     def segment(self, q_feats: List[torch.Tensor], protos) -> torch.Tensor:
         return _segment(self.log, q_feats[0], protos)
 
-    def forward(self, s_img, s_mask, q_img):  # pragma: no cover - the fast path never calls it
-        raise AssertionError("the fast path must not call forward")
+    def forward(self, s_img, s_mask, q_img):  # pragma: no cover - evaluation never calls it
+        raise AssertionError("evaluation must not call forward")
 
 
-class ForwardModel(torch.nn.Module):
-    """Only ``forward(support_img, support_mask, query_img) -> SegOutput``: the evaluator's generic path."""
+class ForwardOnlyModel(torch.nn.Module):
+    """Only ``forward(support_img, support_mask, query_img)``: not a model of the contract."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.log = _Log()
-
-    def forward(self, s_img: torch.Tensor, s_mask: torch.Tensor, q_img: torch.Tensor) -> SegOutput:
-        return SegOutput(logits=_segment(self.log, q_img, _prototype(s_img, s_mask)))
+    def forward(self, s_img, s_mask, q_img):  # pragma: no cover - refused before any call
+        raise AssertionError("must be refused")
 
 
 # --------------------------------------------------------------------------------------------------- the tests
@@ -173,14 +174,18 @@ def _specs(ds, shots: int):
                                              n_folds=N_FOLDS, n_part=N_PART, shots=shots))
 
 
+def test_a_model_outside_the_contract_is_refused_with_what_to_subclass(toy):
+    with pytest.raises(TypeError, match="ForwardOnlyModel is not a fewshot_proto model: subclass "
+                                        "fewshot_proto.models.base.FewShotSegmenter or SupervisedSegmenter"):
+        evaluate(ForwardOnlyModel(), toy, _specs(toy, 1), size=SIZE)
+
+
 @pytest.mark.parametrize("shots", [1, 2], ids=["1shot", "2shot"])
-@pytest.mark.parametrize("model_cls", [FastPathModel, ForwardModel], ids=["fast_path", "forward"])
-def test_dice_is_exactly_one_and_query_chunk_k_uses_support_slice_k(toy, model_cls, shots):
+def test_dice_is_exactly_one_and_query_chunk_k_uses_support_slice_k(toy, shots):
     """Dice (and HD95) is exactly perfect for every query scan and class, and every query slice of chunk ``k`` was
     predicted from support slice ``k`` of every support scan (decoded from the support's markers and grey values),
-    exactly once per class; 1-shot and 2-shot, through the fast path and through ``forward``."""
-    model = model_cls()
-    assert has_fast_path(model) == (model_cls is FastPathModel) and not has_image_path(model)
+    exactly once per class; 1-shot and 2-shot."""
+    model = FastPathModel()
     specs = _specs(toy, shots)
     assert sorted({s.query_scan for s in specs}) == QUERY_SCANS
     assert all(s.support_scans == SUPPORT_SCANS[shots] for s in specs)
@@ -218,8 +223,8 @@ def test_dice_is_exactly_one_and_query_chunk_k_uses_support_slice_k(toy, model_c
 
 
 @pytest.mark.parametrize("batch", [BATCH, 64], ids=["batched", "one_batch"])
-def test_fast_path_encodes_each_query_slice_once_for_all_classes(toy, batch):
-    """The fast path's promise: the query slices of a scan are encoded ONCE for every test class, in batches of
+def test_each_query_slice_is_encoded_once_for_all_classes(toy, batch):
+    """The inference path's promise: the query slices of a scan are encoded ONCE for every test class, in batches of
     ``batch_size``; support prototypes are computed once per (class, chunk) and reused by every query scan."""
     model = FastPathModel()
     specs = _specs(toy, shots=2)

@@ -7,19 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from fewshot_proto.engine.evaluator import (
-    _at_volume_resolution,
-    _check_model_classes,
-    _support_key,
-    _SupportCache,
-    has_image_path,
-)
+from fewshot_proto.engine.evaluator import _at_volume_resolution, _support_key
+from fewshot_proto.engine.inference import SupportCache, check_model_classes
 from fewshot_proto.errors import ProtocolError
 
 
 def test_support_cache_counts_misses_and_evicts_least_recent():
-    assert _SupportCache().max_items == 64
-    cache = _SupportCache(max_items=2)
+    assert SupportCache().max_items == 64
+    cache = SupportCache(max_items=2)
     assert cache.misses == 0
     made = []
 
@@ -42,16 +37,11 @@ def test_support_key_known_tuple():
 
 
 def test_check_model_classes():
-    specs = [SimpleNamespace(class_id=1), SimpleNamespace(class_id=3)]
-    _check_model_classes(object(), specs)  # no ``classes`` attribute: nothing to check
+    asked = [1, 3]
+    check_model_classes(SimpleNamespace(needs_support=False, classes=None), asked)  # binary: any class
+    check_model_classes(SimpleNamespace(needs_support=True, classes=[1]), asked)  # few-shot: the support says
     with pytest.raises(ProtocolError, match=r"ask for class\(es\) \[3\]; evaluate it with --test-classes 1,2$"):
-        _check_model_classes(SimpleNamespace(classes=[1, 2]), specs)
-
-
-def test_image_path_needs_no_fast_path():
-    both = SimpleNamespace(encode=1, prototypes=1, segment=1, segment_image=1, to_binary=1)
-    assert has_image_path(both) is False
-    assert has_image_path(SimpleNamespace(segment_image=1, to_binary=1)) is True
+        check_model_classes(SimpleNamespace(needs_support=False, classes=[1, 2]), asked)
 
 
 def test_at_volume_resolution_is_half_pixel_bilinear():

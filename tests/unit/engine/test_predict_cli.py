@@ -118,7 +118,7 @@ def test_cli_output_equals_predict_volume(case, tmp_path, capsys):
     kw = dict(slice_axis=2, normalise=cfg.data.normalise)
     support = read_volume(case["support"], case["label"], **kw)
     query = read_volume(case["query"], None, **kw)
-    expect = predict_volume(model, [support], query, [1, 2], size=32, n_part=2, precision="fp32", threshold=0.4)
+    expect = predict_volume(model, [support], query, [1, 2], size=32, n_part=2, threshold=0.4)
 
     written = nib.load(str(out))
     q = nib.load(str(case["query"]))

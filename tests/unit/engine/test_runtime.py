@@ -1,19 +1,13 @@
-"""Device and precision resolution (``engine.runtime``)."""
+"""Device and precision resolution (``engine.runtime``): ``Runtime`` is resolved once and passed down."""
+import numpy as np
 import pytest
 import torch
 
 from fewshot_proto.engine import runtime
-from fewshot_proto.engine.runtime import autocast, resolve_precision
+from fewshot_proto.engine.runtime import Runtime, autocast, resolve_precision
+from fewshot_proto.errors import ConfigError
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def fresh_cpu_flags():
-    """The flags are read once per process; these tests fake ``/proc/cpuinfo``, so each reads it afresh."""
-    runtime._cpu_flags.cache_clear()
-    yield
-    runtime._cpu_flags.cache_clear()
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -29,7 +23,7 @@ def test_auto_precision_follows_the_cpu_flags(monkeypatch, tmp_path, flags, expe
                                                                             *a, **k), raising=False)
     assert resolve_precision("auto", CPU) == expected
     assert resolve_precision("AUTO", CPU) == expected
-    assert runtime._cpu_flags.cache_info().misses == 1  # read once, however often "auto" is resolved
+    assert Runtime.resolve("cpu", "auto", threads=torch.get_num_threads()).precision == expected
 
 
 def test_auto_precision_without_cpuinfo_is_fp32(monkeypatch):
@@ -56,3 +50,45 @@ def test_autocast_runs_what_auto_resolves_to():
         assert (x @ w).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         autocast(CPU, "fp16")
+
+
+def test_a_runtime_holds_only_resolved_values():
+    assert Runtime() == Runtime(device=CPU, precision="fp32", channels_last=False, threads=None)
+    with pytest.raises(ConfigError, match="precision must be resolved to fp32, bf16 or fp16, got 'auto'"):
+        Runtime(precision="auto")
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        Runtime(precision="fp16")
+    rt = Runtime.resolve("cpu", "bf16", channels_last=True, threads=torch.get_num_threads())
+    assert (rt.device, rt.precision, rt.channels_last, rt.threads) == (CPU, "bf16", True, torch.get_num_threads())
+
+
+def test_runtime_autocast_and_tensor():
+    x, w = torch.randn(4, 8), torch.randn(8, 3)
+    with Runtime(precision="bf16").autocast():
+        assert (x @ w).dtype == torch.bfloat16
+    with Runtime().autocast():
+        assert (x @ w).dtype == torch.float32
+    a = np.arange(2 * 3 * 4 * 5, dtype=np.float64).reshape(2, 3, 4, 5)
+    t = Runtime(channels_last=True).tensor(a, torch.float32)
+    assert t.dtype == torch.float32 and t.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_array_equal(t.numpy(), a.astype(np.float32))
+    assert Runtime().tensor(a[0, 0]).dtype == torch.float64  # 2-D: no memory format, dtype kept
+
+
+def test_evaluate_and_predict_do_not_resolve_again(monkeypatch, phantom_dataset):
+    """Given a Runtime, evaluation never re-reads the CPU flags or re-resolves precision."""
+    from fewshot_proto.engine import evaluate
+    from fewshot_proto.engine.evaluator import protocol_specs
+    from fewshot_proto.config import ProtocolConfig
+    from fewshot_proto.models import build_model
+
+    def refuse(*_a, **_k):
+        raise AssertionError("resolved again")
+
+    monkeypatch.setattr(runtime, "resolve_precision", refuse)
+    monkeypatch.setattr(runtime, "_cpu_flags", refuse)
+    specs = protocol_specs(phantom_dataset, ProtocolConfig(test_classes=[2]))[:1]
+    torch.manual_seed(0)
+    model = build_model("panet")
+    s = evaluate(model, phantom_dataset, specs, size=64, runtime=Runtime(precision="bf16"), distances=False)
+    assert 0.0 <= s["mean_dice"] <= 1.0

@@ -175,7 +175,7 @@ def test_divergence_keeps_the_last_finite_checkpoint(tmp_path, capsys, data_root
     (["--set", "train.device=tpu"], "error: --set: train.device = 'tpu': must be auto, cpu or cuda[:N]"),
     (["--config", "missing.yaml"], "error: config file missing.yaml does not exist"),
     (["--max-seconds", "-1"], "error: command line: --max-seconds -1: must be >= 0 (0: no cap)"),
-    (["--set", "data.size=100"], "error: data.size = 100: model 'cwpa_unet' needs a multiple of 16 (e.g. 96 or 112)"),
+    (["--set", "data.size=100"], "error: data.size = 100: model 'cwpa_unet_matcher' needs a multiple of 16 (e.g. 96 or 112)"),
     (["--test-classes", "2,9"], "error: protocol.test_classes [2, 9]: class(es) [9] do not occur in dataset"),
     (["--model", "nope"], "error: unknown model 'nope'; valid names: "),
     (["--resume", "missing.pt"], "error: checkpoint missing.pt does not exist"),

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import fewshot_proto.models as models_pkg
+from fewshot_proto.engine import stream as stream_mod
 from fewshot_proto.engine import trainer as trainer_mod
-from fewshot_proto.types import SegOutput
+from fewshot_proto.models.base import FewShotSegmenter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,19 +25,28 @@ TEST_CLASSES = [1, 4]
 ITERS = 8
 
 
-class TinyFewShot(torch.nn.Module):
+class TinyFewShot(FewShotSegmenter):
     """A few-shot model of one 1x1 convolution over the query and its difference to the support's masked mean."""
 
-    kind = "fewshot"
+    feature_losses = False
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = torch.nn.Conv2d(4, 2, 1)
-        self.config: Dict[str, Any] = {}
 
-    def forward(self, s_img, s_mask, q_img) -> SegOutput:
-        proto = (s_img[:, :1] * s_mask[:, None]).sum() / s_mask.sum().clamp(min=1)
-        return SegOutput(logits=self.conv(torch.cat([q_img, q_img[:, :1] - proto], 1)))
+    @property
+    def input_multiple(self) -> int:
+        return 1
+
+    def encode(self, x):
+        return [x]
+
+    def prototypes(self, feats, mask):
+        return (feats[-1][:, :1] * mask[:, None]).sum() / mask.sum().clamp(min=1)
+
+    def segment(self, feats, proto):
+        q = feats[-1]
+        return self.conv(torch.cat([q, q[:, :1] - proto], 1))
 
 
 def _config(out, **over):
@@ -68,14 +78,14 @@ def test_train_draws_setting2_episodes_from_training_scans_only(tmp_path, phanto
     episode per step, and no support or query slice of any of them is from a query or support scan of the fold or
     contains a test class."""
     drawn: List[Dict[str, Any]] = []
-    original = trainer_mod.EpisodeSource.episode
+    original = stream_mod.EpisodeSource.episode
 
     def recording(self, step):
         ep = original(self, step)
         drawn.append(dict(ep.meta, step=int(step)))
         return ep
 
-    monkeypatch.setattr(trainer_mod.EpisodeSource, "episode", recording)
+    monkeypatch.setattr(stream_mod.EpisodeSource, "episode", recording)
     monkeypatch.setattr(models_pkg, "build_model", lambda name, **kw: TinyFewShot())
     monkeypatch.setattr(trainer_mod, "build_model", models_pkg.build_model, raising=False)
     res = trainer_mod.train(_config(tmp_path / "run", **{"episodes.mode": mode}), progress=False,
