@@ -16,6 +16,7 @@ more than one fold) and each run's checkpoint and reports under ``--runs``. Uses
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
     from fewshot_proto.data import open_dataset
     from fewshot_proto.engine import evaluate, train
     from fewshot_proto.engine.evaluator import protocol_specs
+    from fewshot_proto.engine.runtime import Runtime
 
     if not Path(args.data).is_dir():
         print(f"CHAOS-T2 not found at {args.data}; pass --data", file=sys.stderr)
@@ -81,6 +83,8 @@ def main(argv=None) -> int:
     results_path = out_dir / "chaos_t2_fewshot.json"
     old = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
     runs = [r for r in old.get("runs", [])]
+    # resolved once, from the first run's config (every run shares its device, precision, channels_last, threads)
+    runtime = eval_runtime = None
 
     for group in args.groups.split(","):
         test = [int(c) for c in group]
@@ -97,18 +101,21 @@ def main(argv=None) -> int:
                 **({} if args.lambda_dice is None else {"train.lambda_dice": args.lambda_dice})})
             print(f"== group {test} fold {fold}: training for {args.seconds:.0f} s ({args.precision}, {args.mode})",
                   flush=True)
+            if runtime is None:  # training: the config's device; evaluation: the CPU, as before
+                runtime = Runtime.from_train_config(cfg.train)
+                eval_runtime = dataclasses.replace(runtime, device=torch.device("cpu"))
             t0 = time.perf_counter()
-            res = train(cfg, progress=False, dataset=ds, overwrite=True)  # a re-run replaces the row and its run
+            # a re-run replaces the row and its run
+            res = train(cfg, progress=False, dataset=ds, overwrite=True, runtime=runtime)
             t_train = time.perf_counter() - t0
             specs = protocol_specs(ds, cfg.protocol)
             t1 = time.perf_counter()
-            summary = evaluate(res.model, ds, specs, size=cfg.data.size, precision=cfg.train.precision,
-                               channels_last=cfg.train.channels_last, out_dir=run_dir / "eval",
+            summary = evaluate(res.model, ds, specs, size=cfg.data.size, runtime=eval_runtime,
+                               out_dir=run_dir / "eval",
                                meta={"benchmark": "chaos_t2_fewshot", "fold": fold, "test_classes": test})
             t_eval = time.perf_counter() - t1
             dice = {c: 100 * v["dice"]["mean"] for c, v in summary["per_class"].items()}
-            model = f"{cfg.model.name} {json.dumps(getattr(res.model, 'config', {}).get('prototype_head', None))}"
-            row = {"model": model, "group": group, "fold": fold, "test_classes": test,
+            row = {"model": cfg.model.name, "group": group, "fold": fold, "test_classes": test,
                    "budget_seconds": args.seconds,
                    "train_seconds": round(t_train, 1), "iters": res.steps,
                    "seconds_per_iter": round(res.seconds_per_step, 4), "eval_seconds": round(t_eval, 1),
@@ -128,9 +135,17 @@ def main(argv=None) -> int:
     return 0
 
 
+#: labels of rows written before the model split (``"<name> <prototype_head as JSON>"``) -> the registered model
+#: that is the same network: the residual prototype head "f5" is ``cwpa_unet_matcher``'s matcher head, no head
+#: (``null``) is ``cwpa_unet``
+_OLD_MODEL_LABELS = {'cwpa_unet "f5"': "cwpa_unet_matcher", "cwpa_unet null": "cwpa_unet"}
+
+
 def _model(row) -> str:
-    """The row's model: ``"<name> <prototype_head as JSON>"``; rows written before the head existed had none."""
-    return row.get("model", "cwpa_unet null")
+    """The row's registered model name. Old rows are mapped by ``_OLD_MODEL_LABELS``; rows written before the
+    prototype head existed have no model field and were ``cwpa_unet`` (no head)."""
+    name = row.get("model", "cwpa_unet")
+    return _OLD_MODEL_LABELS.get(name, name)
 
 
 def _lambda_dice(row) -> float:
@@ -179,11 +194,14 @@ def to_markdown(doc) -> str:
              f"Reference ({ref['method']}), fold {ref['fold']}, test {{2,3}}, {ref['train_seconds']} s training: "
              f"R kidney {ref['dice']['2']}, L kidney {ref['dice']['3']}, mean {ref['dice']['mean']} Dice "
              f"(untrained {ref['dice_untrained_mean']}); evaluation {ref['eval_seconds']} s.", "",
-             "Model: `cwpa_unet` with its residual prototype head (`prototype_head` \"f5\", the default since "
-             "2026-11-28) or without it (`null`, DESIGN.md's model as specified; the earlier rows).", "",
+             "Model: `cwpa_unet_matcher` (DESIGN.md's model plus an ALPNet-style matcher head whose scores are "
+             "added to the decoder's logits; the default config's model) or `cwpa_unet` (DESIGN.md section 3's "
+             "model exactly, no matcher head; the earlier rows). Rows written before the two were split are "
+             "shown under the model they are (`cwpa_unet \"f5\"` is `cwpa_unet_matcher`; `cwpa_unet null` and "
+             "rows without a model are `cwpa_unet`).", "",
              "`lambda_dice`: weight of the soft Dice term added to the CE (0: none; rows written before it existed "
              "had none).", "",
-             "| model (prototype_head) | test classes | fold | budget (s) | iters | s/iter | precision | mode | "
+             "| model | test classes | fold | budget (s) | iters | s/iter | precision | mode | "
              "lambda_dice | per-organ Dice (%) | mean | eval (s) |",
              "|---|---|---:|---:|---:|---:|---|---|---:|---|---:|---:|"]
     for r in sorted(doc["runs"], key=lambda r: (r["group"], r["fold"], _model(r), r["budget_seconds"],
@@ -199,7 +217,7 @@ def to_markdown(doc) -> str:
         lines += ["", "## Over folds", "",
                   "Mean ± std (population) over the folds listed; each fold is one training run (one seed) with its "
                   "own support and query scans.", "",
-                  "| model (prototype_head) | test classes | budget (s) | mode | lambda_dice | folds | "
+                  "| model | test classes | budget (s) | mode | lambda_dice | folds | "
                   "per-organ Dice (%) | mean |",
                   "|---|---|---:|---|---:|---|---|---:|"]
         for row in summary:

@@ -9,11 +9,12 @@ All train and evaluate at the same input size (256, as the library) and precisio
 
 Rows (``--methods`` picks a subset of the method names in brackets):
 
-* ``cwpa_unet`` 1-shot: our model, trained as ``python -m fewshot_proto.train`` trains it (the default config's
-  episodes, episode count, cosine LR and loss weights, including the Dice term on the phantoms) under its budget.
-* ``cwpa_unet`` 5-shot: the SAME 1-shot-trained model evaluated with ``protocol.shots = 5`` (no second training,
-  as is common in the field; 4 of the 5 support scans were in its training pool, but Setting 2 never showed it a
-  slice containing a test class, and the query scans are never trained on).
+* ``cwpa_unet_matcher`` 1-shot: our model, the default config's model (``default_config().model.name``), trained
+  as ``python -m fewshot_proto.train`` trains it (the default config's episodes, episode count, cosine LR and loss
+  weights, including the Dice term on the phantoms) under its budget.
+* ``cwpa_unet_matcher`` 5-shot: the SAME 1-shot-trained model evaluated with ``protocol.shots = 5`` (no second
+  training, as is common in the field; 4 of the 5 support scans were in its training pool, but Setting 2 never
+  showed it a slice containing a test class, and the query scans are never trained on).
 * ``panet``, ``alpnet``: the reference prototype methods on the same ResNet-34 and the same episodes, trained
   with the PAR alignment loss and without our cyclic loss (``lambda_cyc = 0``: neither paper has one).
 * ``finetune``: a U-Net pretrained (supervised) on the TRAINING classes of the fold's training scans, shown only
@@ -35,7 +36,8 @@ Writes ``<out>/<stem>.{json,md,csv}`` and ``<out>/<stem>.png`` (Dice against lab
 few-shot methods as horizontal lines); ``<stem>`` is ``fewshot_vs_supervised`` on the built-in phantoms and
 ``fewshot_vs_supervised_<data folder name>`` with ``--data``. Results are written after every row, so a crash
 keeps the rows finished before it; rows of an earlier run with the same setup (data, size, budget scale, mode)
-are kept unless rerun. Checkpoints and per-method evaluation reports go to ``--runs``.
+are kept unless rerun; rows written before the model split name our model ``cwpa_unet`` and are read back as
+``cwpa_unet_matcher`` (the same model). Checkpoints and per-method evaluation reports go to ``--runs``.
 """
 from __future__ import annotations
 
@@ -55,19 +57,32 @@ from typing import Any, Dict, List, Optional, Sequence
 HERE = Path(__file__).resolve().parent
 STEM = "fewshot_vs_supervised"
 
-FEWSHOT_METHODS = ["cwpa_unet", "panet", "alpnet", "finetune", "maml_unet"]
+
+def _default_model() -> str:
+    from fewshot_proto.config import default_config
+
+    return default_config().model.name
+
+
+#: our model: the default config's (``cwpa_unet_matcher``), the model ``python -m fewshot_proto.train`` trains
+OURS = _default_model()
+#: method names of rows written before the model split -> today's name of the same model (``cwpa_unet`` then was
+#: the model with the matcher head, what the default run trained)
+LEGACY_METHODS = {"cwpa_unet": "cwpa_unet_matcher"}
+
+FEWSHOT_METHODS = [OURS, "panet", "alpnet", "finetune", "maml_unet"]
 SUPERVISED_METHODS = ["unet", "resupnet", "mobilenet_aspp_se_unet"]
 ALL_METHODS = FEWSHOT_METHODS + SUPERVISED_METHODS
 LABELLED = [1, 2, 4, None]  # None: all training scans of the fold
 
 #: Training wall-time budget in seconds per method (default run, before --budget-scale). The phantom default
-#: adds up to 2 * 540 + 2 * 150 + 240 + 12 * 240 = 4500 s of training; evaluation adds a few minutes. cwpa_unet gets
+#: adds up to 2 * 540 + 2 * 150 + 240 + 12 * 240 = 4500 s of training; evaluation adds a few minutes. Ours gets
 #: the training cap of the library's default `train --shots 1` run (540 s), and so does ALPNet. The
 #: supervised U-Nets and the fine-tuning base get 240 s: at 256 px (8 slices a batch, 0.65 s a step here) the 75 s
 #: they had at 128 px gave about 110 steps, after which no supervised model predicted any foreground (Dice 0.0 for
 #: every n). PANet and MAML keep 150 s.
 BUDGETS: Dict[str, float] = {
-    "cwpa_unet": 540.0,
+    OURS: 540.0,
     "panet": 150.0,
     "alpnet": 540.0,  # the stronger prototype reference gets our budget
     "finetune": 240.0,  # pretraining of the U-Net base on the training classes
@@ -131,7 +146,7 @@ def row_id(method: str, *, shots: Optional[int] = None, n_labelled: Any = "-") -
 def planned_rows(methods: Sequence[str]) -> List[str]:
     rows = []
     for m in methods:
-        if m == "cwpa_unet":
+        if m == OURS:
             rows += [row_id(m, shots=1), row_id(m, shots=5)]
         elif m in FEWSHOT_METHODS:
             rows.append(row_id(m, shots=1))
@@ -206,7 +221,7 @@ class Bench:
         import torch
 
         from fewshot_proto.config import apply_overrides, default_config
-        from fewshot_proto.engine.runtime import resolve_precision
+        from fewshot_proto.engine.runtime import Runtime, resolve_precision
 
         self.args = args
         self.quick = bool(args.quick)
@@ -234,6 +249,10 @@ class Bench:
         self.setup = {"data": self.data_name, "size": self.size, "precision": self.precision,
                       "budget_scale": self.scale, "quick": self.quick,
                       "protocol": "alpnet", "setting": 2, "test_classes": [2, 3], "fold": 0}
+        # one runtime for every training run (the config's: CPU, --threads, the precision, channels_last) and the
+        # same in contiguous memory for evaluation
+        self.runtime = Runtime.from_train_config(self.base.train)
+        self.eval_runtime = dataclasses.replace(self.runtime, channels_last=False)
         self.doc = self._load_previous()
 
     @property
@@ -276,7 +295,7 @@ class Bench:
             return fresh
         old.setdefault("rows", {})
         old.setdefault("budgets", {})
-        return old
+        return migrate_doc(old)
 
     # -- bookkeeping --------------------------------------------------------------------------------------
     def budget_table(self, methods: Sequence[str]) -> List[Dict[str, Any]]:
@@ -324,7 +343,7 @@ class Bench:
 
         t0 = time.perf_counter()
         res = train(cfg, progress=False, dataset=dataset if dataset is not None else self.dataset,
-                    overwrite=True)  # a re-run replaces the row and its run folder
+                    overwrite=True, runtime=self.runtime)  # a re-run replaces the row and its run folder
         return res, time.perf_counter() - t0
 
     def evaluate(self, model, shots: int, run_dir: Path, meta: Dict[str, Any]):
@@ -335,7 +354,7 @@ class Bench:
         proto = apply_overrides(self.base, {"protocol.shots": shots}).protocol
         specs = protocol_specs(self.dataset, proto)
         t0 = time.perf_counter()
-        summary = evaluate(model, self.dataset, specs, size=self.size, device="cpu", precision=self.precision,
+        summary = evaluate(model, self.dataset, specs, size=self.size, runtime=self.eval_runtime,
                            out_dir=run_dir / "eval",
                            overlays=False, distances=False, meta=meta)
         return summary, time.perf_counter() - t0
@@ -363,7 +382,7 @@ class Bench:
 
     # -- methods ------------------------------------------------------------------------------------------
     def run_cwpa(self) -> List[Dict[str, Any]]:
-        m = "cwpa_unet"
+        m = OURS
         d = self.runs / m
         # the library's own training recipe (default_config: episode count, LR schedule, loss weights), under the
         # benchmark's wall-time budget; the other methods keep the benchmark's constant-LR setup
@@ -390,7 +409,7 @@ class Bench:
         d = self.runs / m
         res, t_train = self.train(self.cfg(m, d, **{"train.lambda_cyc": 0.0, "train.lambda_align": 1.0}))
         summary, t_eval = self.evaluate(res.model, 1, d, {"benchmark": STEM, "method": m})
-        note = "same episodes as cwpa_unet; PAR alignment loss on, no cyclic loss"
+        note = f"same episodes as {OURS}; PAR alignment loss on, no cyclic loss"
         return [self.row(row_id(m, shots=1), m, family="few-shot", shots=1, n_labelled="-", res=res,
                          t_train=t_train, summary=summary, t_eval=t_eval, notes=note, budget=self.budget(m))]
 
@@ -438,7 +457,7 @@ class Bench:
         summary, t_eval = self.evaluate(res.model, 1, d, {"benchmark": STEM, "method": m})
         return [self.row(rid, m, family="few-shot", shots=1, n_labelled="-", res=res, t_train=t_train,
                          summary=summary, t_eval=t_eval, budget=self.budget(m),
-                         notes=f"first-order MAML (learn2learn) over a binary U-Net, same episodes as cwpa_unet; "
+                         notes=f"first-order MAML (learn2learn) over a binary U-Net, same episodes as {OURS}; "
                                f"inner-loop adaptation on every support chunk (in the evaluation time); "
                                f"kwargs {json.dumps(kwargs, sort_keys=True)}")]
 
@@ -465,7 +484,7 @@ class Bench:
         """``(row ids, callable returning rows)`` in run order."""
         out: List[tuple] = []
         for m in methods:
-            if m == "cwpa_unet":
+            if m == OURS:
                 out.append(([row_id(m, shots=1), row_id(m, shots=5)], self.run_cwpa))
             elif m in ("panet", "alpnet"):
                 out.append(([row_id(m, shots=1)], lambda m=m: self.run_prototype(m)))
@@ -477,6 +496,29 @@ class Bench:
                 for n in LABELLED:
                     out.append(([row_id(m, n_labelled=n)], lambda m=m, n=n: [self.run_supervised(m, n)]))
         return out
+
+
+def migrate_doc(doc: Dict[str, Any]) -> Dict[str, Any]:
+    """An earlier results document with the method names of ``LEGACY_METHODS`` mapped to today's: row ids, the
+    rows' ``method``, the budget table and the other rows' notes that name it. Modifies and returns ``doc``."""
+    def name(m: Any) -> Any:
+        return LEGACY_METHODS.get(m, m)
+
+    rows = {}
+    for rid, r in (doc.get("rows") or {}).items():
+        method, sep, rest = str(rid).partition("/")
+        if isinstance(r, dict):
+            r = dict(r, method=name(r.get("method")))
+            if isinstance(r.get("row"), str):
+                r["row"] = f"{name(method)}{sep}{rest}"
+            if isinstance(r.get("notes"), str):
+                for old, new in LEGACY_METHODS.items():
+                    r["notes"] = r["notes"].replace(f"same episodes as {old};", f"same episodes as {new};")
+        rows[f"{name(method)}{sep}{rest}"] = r
+    doc["rows"] = rows
+    doc["budgets"] = [dict(b, method=name(b["method"])) if isinstance(b, dict) and "method" in b else b
+                      for b in (doc.get("budgets") or [])]
+    return doc
 
 
 def ordered_rows(rows: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:

@@ -180,11 +180,12 @@ def phase_eval(args: argparse.Namespace, precision: str, workdir: Path) -> Dict[
     from fewshot_proto.data import open_dataset
     from fewshot_proto.engine import evaluate, model_from_checkpoint
     from fewshot_proto.engine.evaluator import protocol_specs
-    from fewshot_proto.engine.runtime import configure_threads
+    from fewshot_proto.engine.runtime import Runtime
     from fewshot_proto.models import build_model
 
-    configure_threads(args.threads)
     cfg = bench_config(args, precision, workdir / f"eval_{precision}")
+    runtime = Runtime.resolve(device="cpu", precision=precision, channels_last=cfg.train.channels_last,
+                              threads=args.threads)
     ckpt = workdir / f"train_{precision}" / "checkpoint.pt"
     if ckpt.is_file():
         model, _ = model_from_checkpoint(ckpt)
@@ -203,8 +204,7 @@ def phase_eval(args: argparse.Namespace, precision: str, workdir: Path) -> Dict[
     classes = len({int(s.class_id) for s in specs})
     runs = []
     for i in range(1 + args.eval_repeats):  # the first call is cold (volumes read from disk); reports once
-        summary = evaluate(model, dataset, specs, size=cfg.data.size, device="cpu", precision=precision,
-                           channels_last=cfg.train.channels_last,
+        summary = evaluate(model, dataset, specs, size=cfg.data.size, runtime=runtime,
                            out_dir=(workdir / f"eval_{precision}") if i == 0 else None)
         t = summary["timing"]
         if t["query_slices"] != slice_classes:
@@ -257,9 +257,9 @@ def count_flops_and_sampler(args: argparse.Namespace, precisions: List[str], wor
     from torch.utils.flop_counter import FlopCounterMode
 
     from fewshot_proto.data import open_dataset
-    from fewshot_proto.engine.runtime import autocast, configure_threads
-    from fewshot_proto.engine.trainer import EpisodeSource, build_training_sampler, episode_losses, \
-        episode_to_tensors
+    from fewshot_proto.engine.episodic import build_training_sampler, episode_losses
+    from fewshot_proto.engine.runtime import Runtime, configure_threads
+    from fewshot_proto.engine.stream import EpisodeSource, episode_to_tensors
     from fewshot_proto.episodes.protocol import fold_split
     from fewshot_proto.models import build_model
 
@@ -272,6 +272,8 @@ def count_flops_and_sampler(args: argparse.Namespace, precisions: List[str], wor
     source = EpisodeSource(sampler, seed=cfg.train.seed, rank=0)  # the episodes the training run drew first
     t = cfg.train
     device = torch.device("cpu")
+    runtimes = {p: Runtime.resolve(device="cpu", precision=p, channels_last=t.channels_last, threads=args.threads)
+                for p in precisions}
     torch.manual_seed(t.seed)
     model = build_model(cfg.model.name, **cfg.model.kwargs).to(device)
     if t.channels_last:
@@ -292,7 +294,7 @@ def count_flops_and_sampler(args: argparse.Namespace, precisions: List[str], wor
             tensors = episode_to_tensors(ep, device, t.channels_last)
             model.zero_grad(set_to_none=True)
             with FlopCounterMode(display=False) as counter:
-                with autocast(device, p):
+                with runtimes[p].autocast():
                     terms = episode_losses(model, *tensors, lambda_align=t.lambda_align, lambda_cyc=t.lambda_cyc,
                                            ce_weights=t.ce_weights, lambda_dice=t.lambda_dice)
                 terms["loss"].backward()

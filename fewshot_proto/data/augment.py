@@ -9,8 +9,6 @@ the ``np.random.Generator`` passed in.
 Default ranges (milder than SSL-ALPNet's ``aug_v3``, close to its ``sabs_aug``): rotation +-15 deg, isotropic scale
 0.9-1.1, shear +-5 deg, translation +-5 % of the slice size, elastic displacement of 2 px standard deviation with a
 32 px correlation length, gamma 0.7-1.5 applied to min-max rescaled intensities.
-
-Measured cost (one core, busy machine): about 2-2.5 ms for a 256x256 image and its mask with everything on.
 """
 from __future__ import annotations
 
@@ -28,8 +26,8 @@ def elastic_field(shape: Tuple[int, int], rng: np.random.Generator, alpha: float
     interpolated with separable Gaussian weights of width ``sigma`` (normalised so that every pixel's displacement
     has standard deviation exactly ``alpha``). Costs two small matrix products per component, written as
     ``einsum(optimize=False)`` loops rather than ``@``: a ``[H, n] x [n, W]`` product goes to numpy's
-    multi-threaded BLAS, whose threads then spin on the cores torch's training step needs (measured: 0.1 s more
-    per 256-px bf16 step on 2 cores).
+    multi-threaded BLAS, whose threads then spin on the cores torch's training step needs (a slower step on a
+    2-core machine).
     """
     h, w = int(shape[0]), int(shape[1])
     sigma = max(float(sigma), 1.0)
