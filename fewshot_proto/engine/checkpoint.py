@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -28,6 +27,8 @@ import torch
 
 from fewshot_proto import __version__
 from fewshot_proto.errors import CheckpointError
+from fewshot_proto.models import build_model
+from fewshot_proto.models.weights import read_torch_file
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "model_from_checkpoint",
            "nonfinite_tensors", "NonFiniteCheckpointError", "CHECKPOINT_FORMAT", "upgrade_model_entry"]
@@ -194,20 +195,7 @@ def load_checkpoint(path: str | Path, *, expect_model: Optional[str] = None,
                     map_location: str | torch.device = "cpu") -> Dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; raise ``CheckpointError`` naming the file and the problem."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated (not a torch.save zip archive)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    except Exception as e:  # the weights-only unpickler raises UnpicklingError for foreign objects
-        raise CheckpointError(f"checkpoint {path} cannot be read safely with weights_only=True "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    ckpt = read_torch_file(path, "checkpoint", map_location)
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in _REQUIRED):
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"checkpoint {path} is not a fewshot_proto checkpoint (found {keys}; "
@@ -243,8 +231,6 @@ def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], pat
 def model_from_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu",
                           expect_model: Optional[str] = None):
     """Rebuild the model stored in a checkpoint: returns ``(model, checkpoint_dict)``."""
-    from fewshot_proto.models import build_model
-
     ckpt = load_checkpoint(path, expect_model=expect_model, map_location=map_location)
     try:
         model = build_model(ckpt["model_name"], **ckpt["model_config"])

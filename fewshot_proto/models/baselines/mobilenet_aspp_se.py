@@ -52,15 +52,17 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torchvision.models import mobilenet_v2
 
 from fewshot_proto.errors import CheckpointError
 from fewshot_proto.models.base import SupervisedSegmenter
 from fewshot_proto.models.baselines.common import SEBlock, SegHead
 from fewshot_proto.models.checks import check_positive_int, check_rate
+from fewshot_proto.models.weights import read_state_file
 
 __all__ = [
     "MobileNetASPPSEUNet",
@@ -111,14 +113,7 @@ def load_mobilenet_features_state(path: Path, in_channels: int) -> Dict[str, tor
     adapted: every input channel gets the mean of the R, G, B kernels. Raises ``CheckpointError`` naming the
     file when it cannot be read or holds something else.
     """
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt/non-tensor files
-        raise CheckpointError(f"cannot read MobileNetV2 weights from {path}: {e}") from e
-    if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
-        raw = raw["state_dict"]
-    if not isinstance(raw, Mapping):
-        raise CheckpointError(f"{path}: expected a state dict (mapping of tensors), got {type(raw).__name__}")
+    raw = read_state_file(path, "MobileNetV2 weights file").state
     if any(str(k).startswith("features.") for k in raw):
         state = {k[len("features."):]: v for k, v in raw.items() if k.startswith("features.")}
     else:
@@ -330,8 +325,6 @@ class MobileNetASPPSEUNet(SupervisedSegmenter):
     @staticmethod
     def _build_encoder(in_channels: int, weights: WeightsArg) -> nn.Sequential:
         """``mobilenet_v2(weights=None).features`` (19 blocks), first conv adapted, weights loaded if given."""
-        from torchvision.models import mobilenet_v2
-
         features = mobilenet_v2(weights=None).features
         if in_channels != 3:
             old = features[0][0]

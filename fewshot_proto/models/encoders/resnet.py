@@ -15,12 +15,14 @@ dilation 2 and padding 2 (the receptive field keeps growing while the resolution
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
+from torchvision.models import resnet34
 
 from fewshot_proto.models.encoders.base import Encoder
+from fewshot_proto.models.weights import read_state_file
 
 __all__ = ["ResNet34Encoder", "IMAGENET_FILENAME", "imagenet_weights_path"]
 
@@ -68,8 +70,6 @@ class ResNet34Encoder(Encoder):
         dilate_last: bool = True,
     ) -> None:
         super().__init__()
-        from torchvision.models import resnet34
-
         if int(in_channels) < 1:
             raise ValueError(f"ResNet34Encoder: in_channels must be >= 1, got {in_channels}")
         self.in_channels = int(in_channels)
@@ -137,12 +137,8 @@ class ResNet34Encoder(Encoder):
                 raise FileNotFoundError(f"ResNet34Encoder: weights file {path} does not exist")
         else:
             raise ValueError(f"ResNet34Encoder: weights must be None, 'imagenet' or a path, got {weights!r}")
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-            obj = obj["state_dict"]
-        if not isinstance(obj, Mapping):
-            raise ValueError(f"ResNet34Encoder: {path} does not contain a state dict (got {type(obj).__name__})")
-        return {k: v for k, v in obj.items() if not k.startswith("fc.")}
+        state = read_state_file(path, "ResNet34Encoder: weights file").state
+        return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         """``x[B, C, H, W]`` -> ``[F1, F2, F3, F4, F5]`` (shapes in the module docstring)."""

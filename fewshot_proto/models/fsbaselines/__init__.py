@@ -28,7 +28,7 @@ from __future__ import annotations
 from fewshot_proto.models.fsbaselines.alpnet import ALPNet
 from fewshot_proto.models.fsbaselines.common import (ADAPTATION_LOSSES, AdaptationCache, Adapted, AdaptingSegmenter,
                                                     PrototypeSegmenter, adaptation_loss)
-from fewshot_proto.models.fsbaselines.finetune import FineTuneOnSupport, read_base_checkpoint
+from fewshot_proto.models.fsbaselines.finetune import FineTuneOnSupport
 from fewshot_proto.models.fsbaselines.maml import Learn2LearnMissing, MAMLSegmenter
 from fewshot_proto.models.fsbaselines.panet import PANet
 
@@ -44,5 +44,4 @@ __all__ = [
     "PANet",
     "PrototypeSegmenter",
     "adaptation_loss",
-    "read_base_checkpoint",
 ]

@@ -53,44 +53,12 @@ from fewshot_proto.models.base import SupervisedSegmenter
 from fewshot_proto.models.checks import check_positive_number
 from fewshot_proto.models.fsbaselines.common import (ADAPTATION_LOSSES, AdaptationCache, Adapted, AdaptingSegmenter,
                                                     adaptation_loss)
+from fewshot_proto.models.weights import read_state_file
 
-__all__ = ["FineTuneOnSupport", "LOSSES", "OPTIMIZERS", "read_base_checkpoint"]
+__all__ = ["FineTuneOnSupport", "LOSSES", "OPTIMIZERS"]
 
 LOSSES = ADAPTATION_LOSSES
 OPTIMIZERS = ("adam", "sgd")
-
-
-def read_base_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Optional[str], Optional[dict]]:
-    """Read base weights with ``torch.load(weights_only=True)``.
-
-    Accepts a fewshot_proto checkpoint (``{"model": state, "model_name": ..., "model_config": ...}``), a
-    ``{"state_dict": state}`` file or a bare state dict.
-
-    Returns:
-        ``(state_dict, model_name or None, model_config or None)``.
-
-    Raises:
-        CheckpointError: missing, unreadable or not a state dict (the message names the file).
-    """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise CheckpointError(f"finetune: base checkpoint {p} does not exist")
-    try:
-        obj: Any = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt files, foreign pickles refused by the weights-only unpickler
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise CheckpointError(f"finetune: cannot read base checkpoint {p} ({type(e).__name__}: {first})") from None
-    name: Optional[str] = None
-    config: Optional[dict] = None
-    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-        name = obj.get("model_name")
-        config = obj.get("model_config")
-        obj = obj["model"]
-    elif isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"finetune: base checkpoint {p} does not contain a state dict")
-    return dict(obj), name, (dict(config) if isinstance(config, Mapping) else None)
 
 
 def _flip(x: torch.Tensor, m: torch.Tensor, flips: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +143,7 @@ class FineTuneOnSupport(AdaptingSegmenter):
 
         state = None
         if checkpoint is not None:
-            state, ck_name, ck_config = read_base_checkpoint(checkpoint)
+            state, ck_name, ck_config = read_state_file(checkpoint, "finetune: base checkpoint")
             if ck_name is not None and ck_name != base:
                 raise CheckpointError(
                     f"finetune: checkpoint {checkpoint} holds model {ck_name!r}, not the base {base!r}"
