@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import yaml
+
 from fewshot_proto.errors import ConfigError
 
 __all__ = [
@@ -354,8 +356,6 @@ def config_to_dict(cfg: Any) -> Dict[str, Any]:
 def read_config_file(path: str | Path) -> Dict[str, Any]:
     """The partial config a YAML file states (``yaml.safe_load``; an empty file is ``{}``), keys checked, with a
     relative ``data.root`` resolved against the file's folder. Errors name the file."""
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist" + (" (it is a folder)" if p.is_dir() else ""))
@@ -381,8 +381,6 @@ def load_config(path: str | Path) -> ExperimentConfig:
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     """Write the full resolved config (every key) as YAML."""
-    import yaml
-
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
@@ -416,8 +414,6 @@ def parse_set(items: Sequence[str], where: str = "--set") -> Dict[str, Any]:
     """``["train.lr=1e-3", "data.size=128"]`` -> ``{"train.lr": 0.001, "data.size": 128}`` (values read as YAML;
     ``key=null`` or ``key=`` gives ``None``, an explicit null: layer the result with ``dotted_to_nested(...,
     keep_none=True)`` and :func:`build_config`)."""
-    import yaml
-
     out: Dict[str, Any] = {}
     for item in items:
         key, sep, text = str(item).partition("=")

@@ -15,12 +15,18 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from fewshot_proto.config import apply_overrides, config_from_dict
+from fewshot_proto.data import dataset_from_config
+from fewshot_proto.engine import evaluate, model_from_checkpoint
+from fewshot_proto.engine.evaluator import protocol_specs
+from fewshot_proto.engine.runtime import Runtime, resolve_device
+from fewshot_proto.episodes.manifest import load_manifest
 from fewshot_proto.errors import ConfigError, run_cli
+from fewshot_proto.metrics.report import format_dice_table
+from fewshot_proto.train import add_common_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fewshot_proto.train import add_common_args
-
     p = argparse.ArgumentParser(prog="python -m fewshot_proto.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint written by fewshot_proto.train")
@@ -58,13 +64,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate ``args.checkpoint`` (its own data, size and protocol unless overridden) and write the reports."""
-    from fewshot_proto.config import apply_overrides, config_from_dict
-    from fewshot_proto.data import dataset_from_config
-    from fewshot_proto.engine import evaluate, model_from_checkpoint
-    from fewshot_proto.engine.evaluator import protocol_specs
-    from fewshot_proto.engine.runtime import Runtime, resolve_device
-    from fewshot_proto.metrics.report import format_dice_table
-
     device = resolve_device(args.device or "auto")
     model, ckpt = model_from_checkpoint(args.checkpoint, map_location=device)
     cfg = config_from_dict(ckpt.get("config") or {}, where=f"checkpoint {args.checkpoint}")
@@ -88,8 +87,6 @@ def run(args: argparse.Namespace) -> int:
             "test_classes": list(p.test_classes), "episodes": args.episodes,
             "model": ckpt["model_name"], "trained_steps": ckpt.get("step")}
     if args.episodes:  # the manifest's protocol, not the checkpoint's, is what was evaluated
-        from fewshot_proto.episodes.manifest import load_manifest
-
         m = load_manifest(args.episodes)
         meta.update(protocol=m.protocol, setting=m.setting, folds=list(m.folds), shots=m.shots,
                     test_classes=list(m.test_classes))

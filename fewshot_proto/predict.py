@@ -18,6 +18,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, List, NoReturn, Optional, Sequence, Tuple
 
+from fewshot_proto.config import PRECISIONS, config_from_dict
+from fewshot_proto.data import read_volume, write_prediction
+from fewshot_proto.engine.checkpoint import model_from_checkpoint
+from fewshot_proto.engine.predictor import predict_volume
+from fewshot_proto.engine.runtime import Runtime, resolve_device
 from fewshot_proto.errors import ConfigError, DataError, run_cli
 from fewshot_proto.train import parse_classes
 
@@ -79,8 +84,6 @@ _probability = _checked(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``predict`` command line (every flag's help states its default, or that it is required)."""
-    from fewshot_proto.config import PRECISIONS
-
     p = _Parser(prog="python -m fewshot_proto.predict", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint written by training (required)")
@@ -166,12 +169,6 @@ def _predict(argv: Optional[List[str]]) -> int:
     inputs = ([("--query", args.query)] + [("--support", s) for s in args.support]
               + [("--support-label", s) for s in args.support_label])
     out = check_paths(args.out, inputs, checkpoint=args.checkpoint)
-
-    from fewshot_proto.config import config_from_dict
-    from fewshot_proto.data import read_volume, write_prediction
-    from fewshot_proto.engine.checkpoint import model_from_checkpoint
-    from fewshot_proto.engine.predictor import predict_volume
-    from fewshot_proto.engine.runtime import Runtime, resolve_device
 
     device = resolve_device(args.device)
     model, ckpt = model_from_checkpoint(args.checkpoint, map_location=device)

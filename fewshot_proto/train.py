@@ -14,14 +14,26 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
+import torch.distributed as dist
+import yaml
+
 from fewshot_proto.config import (PRECISIONS, ExperimentConfig, build_config, config_from_dict, config_to_dict,
                                   dotted_to_nested, parse_set, read_config_file)
+from fewshot_proto.data import dataset_from_config
+from fewshot_proto.engine import evaluate, train
+from fewshot_proto.engine.checkpoint import load_checkpoint
+from fewshot_proto.engine.evaluator import protocol_specs
+from fewshot_proto.engine.runtime import Runtime, resolve_device
+from fewshot_proto.engine.trainer import open_training_folder
 from fewshot_proto.errors import ConfigError, run_cli
+from fewshot_proto.metrics.report import format_dice_table
 
 
 def parse_classes(text: Optional[str]) -> Optional[List[int]]:
@@ -104,8 +116,6 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     base = None
     base_where = "built-in default"
     if args.resume:
-        from fewshot_proto.engine.checkpoint import load_checkpoint
-
         saved = load_checkpoint(args.resume)["config"]
         base = config_to_dict(config_from_dict(saved, where=f"checkpoint {args.resume}"))
         base["train"]["out"] = None  # the run continues in the checkpoint's folder
@@ -127,8 +137,6 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 def format_config(cfg: ExperimentConfig) -> str:
     """The resolved config, one line per section."""
-    import yaml
-
     lines = []
     for section, values in config_to_dict(cfg).items():
         text = yaml.safe_dump(values, default_flow_style=True, width=10 ** 6, sort_keys=False).strip()
@@ -151,8 +159,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run_cli(body)
     finally:
         if world > 1:
-            import torch.distributed as dist
-
             if dist.is_initialized():
                 dist.destroy_process_group()
 
@@ -162,16 +168,9 @@ def init_distributed(device: str):
 
     Returns ``(rank, world_size)``; ``(0, 1)`` when not launched by torchrun.
     """
-    import os
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
-    import torch
-    import torch.distributed as dist
-
-    from fewshot_proto.engine.runtime import resolve_device
-
     dev = resolve_device(device)
     if dev.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -183,13 +182,6 @@ def init_distributed(device: str):
 def run(cfg: ExperimentConfig, *, resume: Optional[str] = None, overwrite: bool = False,
         evaluate_after: bool = True, progress: bool = True, rank: int = 0, world_size: int = 1) -> int:
     """Open (and lock) the run folder, print and train ``cfg``, then evaluate the held-out classes (rank 0)."""
-    from fewshot_proto.data import dataset_from_config
-    from fewshot_proto.engine import evaluate, train
-    from fewshot_proto.engine.evaluator import protocol_specs
-    from fewshot_proto.engine.runtime import Runtime
-    from fewshot_proto.engine.trainer import open_training_folder
-    from fewshot_proto.metrics.report import format_dice_table
-
     t0 = time.perf_counter()
     dataset = dataset_from_config(cfg.data)
     p = cfg.protocol

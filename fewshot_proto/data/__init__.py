@@ -1,7 +1,7 @@
 """Data layer: NIfTI readers, normalisation, slice preparation, augmentation and superpixel pseudo-labels.
 
-Importing this package is cheap: only numpy is imported here; nibabel, scipy, scikit-image and torch are imported
-inside the functions that use them. The synthetic phantom generator lives in ``fewshot_proto.data.phantom``.
+Importing this package imports numpy, scipy, scikit-image and torch; nibabel (the NIfTI reader) is imported when a
+file is first read. The synthetic phantom generator lives in ``fewshot_proto.data.phantom``.
 """
 from __future__ import annotations
 

@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from scipy import fft as sfft
+from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
 from fewshot_proto.errors import DataError
 from fewshot_proto.types import Volume
@@ -120,9 +122,6 @@ def _bandpass_noise(rng: np.random.Generator, shape: Tuple[int, int, int], wavel
     ``rel_bandwidth``); ``anisotropy`` > 1 stretches the grain along ``angle`` (radians, in-plane), giving
     streaks. ``z_corr`` > 0 correlates neighbouring slices (Gaussian low-pass over z with that sigma in slices).
     """
-    from scipy import fft as sfft
-    from scipy.ndimage import gaussian_filter1d
-
     z, h, w = shape
     white = rng.standard_normal(shape, dtype=np.float32)
     spec = sfft.rfft2(white, axes=(1, 2), workers=1)
@@ -482,8 +481,6 @@ def make_phantom(rng: np.random.Generator, *, size: int = 128, n_slices_range: T
     img[organ_edge] -= 0.06
 
     # partial-volume blur in-plane, smooth multiplicative bias field, global gain, Rician noise
-    from scipy.ndimage import gaussian_filter
-
     img = gaussian_filter(img, sigma=(0.0, 0.6 * sc, 0.6 * sc), mode="nearest")
     bias = np.exp(_smooth_field(rng, px, py * np.ones((nz, 1, 1), np.float32), uu, 5, (0.8, 2.2), 0.40))
     img *= bias

@@ -15,13 +15,15 @@ Differences from SSL-ALPNet, and why:
   fraction (default 5 %) of each slice's robust intensity range (1st-99th percentile) above its background level,
   taken after a light Gaussian smoothing, which works on normalised data and noisy backgrounds.
 
-Only numpy, scipy and scikit-image (imported inside functions).
+Only numpy, scipy and scikit-image.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import numpy as np
+from scipy import ndimage
+from skimage.segmentation import felzenszwalb
 
 __all__ = ["body_mask", "superpixels", "superpixel_pseudolabel"]
 
@@ -46,8 +48,6 @@ def body_mask(img2d: np.ndarray, threshold: Optional[float] = None, frac: float 
     level), reduced to its largest connected component and its holes are filled. A slice with nothing above the
     threshold gives an all-False mask.
     """
-    from scipy import ndimage
-
     x = np.asarray(img2d, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"body_mask expects [H,W], got shape {x.shape}")
@@ -76,8 +76,6 @@ def superpixels(img2d: np.ndarray, scale: float = 100.0, sigma: float = 0.8, min
         sigma: Gaussian pre-smoothing width in pixels.
         min_size: minimum segment size in pixels (enforced by merging).
     """
-    from skimage.segmentation import felzenszwalb
-
     x = np.asarray(img2d)
     if x.ndim != 2:
         raise ValueError(f"superpixels expects [H,W], got shape {x.shape}")

@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from fewshot_proto.types import Volume
 
@@ -20,9 +22,6 @@ __all__ = ["resize_slice", "resize_mask", "resize_stack", "resize_mask_stack", "
 
 def _interp(x: np.ndarray, size: int, mode: str) -> np.ndarray:
     """Resize ``x [N, H, W]`` (float32) to ``[N, size, size]`` with torch."""
-    import torch
-    import torch.nn.functional as F
-
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None]
     kw = {"align_corners": False, "antialias": False} if mode == "bilinear" else {}
     with torch.no_grad():

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from fewshot_proto.config import N_PART
+from fewshot_proto.data.readers import open_dataset
 from fewshot_proto.errors import ProtocolError, run_cli
 
 from .manifest import freeze, load_manifest, manifest_mismatches, save_manifest
@@ -64,8 +65,6 @@ def default_manifest_name(dataset: str, protocol: str, setting: int, test_classe
 
 
 def _open(data: Optional[str], layout: str):
-    from fewshot_proto.data.readers import open_dataset
-
     return open_dataset(data, layout)
 
 

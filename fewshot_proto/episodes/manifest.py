@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from fewshot_proto import __version__
 from fewshot_proto.config import N_PART
 from fewshot_proto.errors import ProtocolError
 from fewshot_proto.types import SliceIndex
@@ -55,8 +56,6 @@ def fingerprint(index: SliceIndex) -> str:
 
 
 def _created_by() -> str:
-    from fewshot_proto import __version__
-
     return f"fewshot_proto {__version__}"
 
 

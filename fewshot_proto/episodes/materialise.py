@@ -9,6 +9,7 @@ from typing import Any, List, Tuple
 
 import numpy as np
 
+from fewshot_proto.data.transforms import prepare_slices
 from fewshot_proto.errors import ProtocolError
 
 from .protocol import EpisodeSpec
@@ -17,8 +18,6 @@ __all__ = ["load_support", "load_query"]
 
 
 def _prepare(dataset: Any, scan: str, zs: List[int], size: int, spec: EpisodeSpec):
-    from fewshot_proto.data.transforms import prepare_slices
-
     vol = dataset.load(scan)
     if vol.label is None:
         raise ProtocolError(f"episode {spec.key}: scan {scan!r} of dataset {spec.dataset!r} has no label")

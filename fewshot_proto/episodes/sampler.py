@@ -9,7 +9,7 @@
 All samplers read ``self.rng`` at every draw, so a caller may replace it between episodes: the engine's one
 episode stream (``fewshot_proto.engine.stream.EpisodeSource``, in a prefetch thread or DataLoader workers) draws
 episode ``i`` with ``default_rng([seed, rank, i])``; :class:`MixedSampler` exposes its children as ``samplers``.
-This module does not import torch.
+Slices are resized by ``fewshot_proto.data.transforms`` (torch), so importing this module imports torch.
 
 Every sampler returns an :class:`~fewshot_proto.types.Episode` with float32 images ``[N, 3, size, size]``,
 support masks float32 ``[S, size, size]`` in {0, 1} and query masks int64 ``[Q, size, size]``; ``meta`` records
@@ -23,6 +23,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from fewshot_proto.data.augment import augment_pair
+from fewshot_proto.data.superpixel import body_mask, superpixel_pseudolabel, superpixels
+from fewshot_proto.data.transforms import prepare_slices
 from fewshot_proto.errors import ProtocolError
 from fewshot_proto.types import Episode, SliceIndex
 
@@ -123,8 +126,6 @@ class SliceCache:
             self.hits += 1
             return item  # type: ignore[return-value]
         self.misses += 1
-        from fewshot_proto.data.transforms import prepare_slices
-
         vol = self.dataset.load(key[0])
         if not 0 <= key[1] < vol.n_slices:
             raise ProtocolError(f"dataset {getattr(self.dataset, 'name', '?')!r}: scan {key[0]!r} has "
@@ -160,8 +161,6 @@ class _Augmenting:
         """Augmented ``(image [3,H,W] f32, mask [H,W] uint8 0/1)``; identical geometry on image and mask."""
         m = (np.asarray(mask2d) > 0).astype(np.uint8)
         if self.augment:
-            from fewshot_proto.data.augment import augment_pair
-
             img2d, m = augment_pair(img2d, m, self.rng, **self.augment_kwargs)
             m = (np.asarray(m) > 0.5).astype(np.uint8)
         return _tile3(img2d), m
@@ -351,8 +350,6 @@ class SuperpixelEpisodeSampler(_Augmenting):
         item = self._seg_cache.get(key)
         if item is not None:
             return item  # type: ignore[return-value]
-        from fewshot_proto.data.superpixel import body_mask, superpixels
-
         seg = superpixels(img, **self._seg_kwargs)
         if seg.size and seg.max() <= np.iinfo(np.int16).max:
             seg = seg.astype(np.int16)
@@ -368,8 +365,6 @@ class SuperpixelEpisodeSampler(_Augmenting):
 
     def sample(self) -> Episode:
         """One superpixel episode (see the class docstring)."""
-        from fewshot_proto.data.superpixel import superpixel_pseudolabel
-
         rng = self.rng
         scan, z = "", -1
         mask = None

@@ -3,14 +3,15 @@
 Modules:
     overlap    ``confusion`` (TP/FP/FN over a volume or slab), ``dice``/``iou``/``precision``/``recall`` with
                explicit empty-mask semantics, ``ScanCounts``.
-    distance   ``hd95``/``assd``/``surface_metrics`` in mm (scipy, imported lazily).
+    distance   ``hd95``/``assd``/``surface_metrics`` in mm (scipy).
     aggregate  ``MetricRow``, ``MetricTable``: per-class mean/std over scans, mean over classes, across folds,
                bootstrap CIs.
     report     strict ``metrics.json``, ``metrics.csv``, ``summary.md``; ``format_dice_table``.
-    overlay    three-panel PNG overlays (PIL, imported lazily).
+    overlay    three-panel PNG overlays (PIL).
 
-Importing this package costs numpy only; ``hd95``, ``assd``, ``surface_metrics``, ``save_overlay`` and
-``save_volume_overlays`` are resolved on first access.
+Importing this package imports numpy and scipy (``aggregate`` computes surface distances); ``hd95``, ``assd``,
+``surface_metrics``, ``save_overlay`` and ``save_volume_overlays`` are resolved on first access (``overlay``
+imports PIL).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ Reductions (all nan-aware; ``std`` uses ``ddof=0`` by default, as ``np.nanstd`` 
 * bootstrap (optional): percentile confidence intervals from resampling the (fold, scan) units with
   replacement, with a seeded ``np.random.Generator``.
 
-This module is numpy only (distances are imported lazily by ``MetricTable.add_prediction``).
+This module needs numpy, and scipy through ``fewshot_proto.metrics.distance`` (``MetricTable.add_prediction``).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 
 from ..types import natural_key
+from .distance import surface_metrics
 from .overlap import ScanCounts, ZSelect
 
 __all__ = ["METRICS", "MetricRow", "MetricTable", "nan_stats", "bootstrap_ci"]
@@ -261,8 +262,6 @@ class MetricTable:
         counts = ScanCounts.from_masks(pred, truth, scan=scan, class_id=class_id, zs=zs, fold=fold)
         h = a = _NAN
         if distances:
-            from .distance import surface_metrics
-
             try:
                 d = surface_metrics(
                     pred,

@@ -34,6 +34,8 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from .overlap import ZSelect, as_mask, select_z
 
@@ -73,8 +75,6 @@ def _contiguous_z(arr: np.ndarray, zs: ZSelect, name: str) -> np.ndarray:
 def surface(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
     """Boolean surface voxels of ``mask`` (any dimension): ``mask XOR erode(mask)``, border counted as
     background. ``connectivity`` as in ``scipy.ndimage.generate_binary_structure``."""
-    from scipy import ndimage
-
     m = np.asarray(mask, dtype=bool)
     if not m.any():
         return m.copy()
@@ -128,8 +128,6 @@ def surface_distances(
         either mask is empty the distances are undefined and both arrays are empty (``hd95``/``assd`` then
         apply their ``both_empty``/``one_empty`` rules).
     """
-    from scipy import ndimage
-
     _check_options(method=method)
     p, t, sp = _prepare(pred, truth, spacing, zs, cls)
     if not p.any() or not t.any():
@@ -139,8 +137,6 @@ def surface_distances(
     sp_ = surface(p, connectivity)
     st_ = surface(t, connectivity)
     if method == "kdtree":
-        from scipy.spatial import cKDTree
-
         scale = np.asarray(sp, dtype=np.float64)
         cp = np.argwhere(sp_) * scale
         ct = np.argwhere(st_) * scale

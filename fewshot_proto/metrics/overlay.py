@@ -14,12 +14,16 @@ uint8 per panel; masks are drawn as a semi-transparent tint (``alpha``) plus a s
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from fewshot_proto.config import N_PART
+
+from .report import atomic_write_bytes
 
 __all__ = [
     "PANEL_GAP",
@@ -112,8 +116,6 @@ def tint(
 
 
 def _font():
-    from PIL import ImageFont
-
     return ImageFont.load_default()
 
 
@@ -139,8 +141,6 @@ def render_overlay(
         title: optional text band on top.
         scale: integer nearest-neighbour upscaling of every panel.
     """
-    from PIL import Image, ImageDraw
-
     if int(scale) < 1:
         raise ValueError(f"scale must be a positive integer; got {scale}")
     scale = int(scale)
@@ -182,10 +182,6 @@ def save_overlay(
     alpha: float = 0.4,
 ) -> Path:
     """Write the three-panel overlay PNG to ``path`` (parent directories created; atomic replace)."""
-    import io
-
-    from .report import atomic_write_bytes
-
     img = render_overlay(
         support_img2d, support_mask2d, query_img2d, pred2d, truth2d, title, scale=scale, alpha=alpha
     )

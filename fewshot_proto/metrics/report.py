@@ -29,6 +29,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .. import __version__
 from .aggregate import METRICS, MetricRow, MetricTable
 
 __all__ = [
@@ -160,8 +161,6 @@ def build_meta(meta: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     Expected keys (all optional, passed by the caller): ``protocol``, ``setting``, ``folds`` (or ``fold``),
     ``shots``, ``dataset``, ``checkpoint``, ``model``, ``seed``, ``manifest``.
     """
-    from .. import __version__
-
     out = dict(meta or {})
     out.setdefault("package_version", __version__)
     out.setdefault("time", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

@@ -73,13 +73,13 @@ def _tree(root: Path) -> Dict[str, bytes]:
 
 @pytest.fixture
 def no_load(monkeypatch):
-    """Fail the test if the CLI gets as far as loading the checkpoint."""
-    import fewshot_proto.engine.checkpoint as checkpoint
+    """Fail the test if the CLI gets as far as loading the checkpoint (patched where ``predict`` looks it up)."""
+    import fewshot_proto.predict as predict_cli
 
     def boom(*args, **kwargs):
         raise AssertionError("the checkpoint was loaded before the command line was refused")
 
-    monkeypatch.setattr(checkpoint, "model_from_checkpoint", boom)
+    monkeypatch.setattr(predict_cli, "model_from_checkpoint", boom)
 
 
 def _refused(capsys, argv: List[str], root: Path, *needles: str) -> str:
@@ -135,17 +135,17 @@ def test_missing_parent_folders_of_out_are_created(case, tmp_path, capsys):
 
 
 def test_n_part_defaults_to_the_checkpoints_protocol(case, tmp_path, monkeypatch):
-    import fewshot_proto.engine.predictor as predictor
+    import fewshot_proto.predict as predict_cli
     from fewshot_proto.engine.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
     seen = []
-    real = predictor.predict_volume
+    real = predict_cli.predict_volume
 
     def spy(*args, **kwargs):
         seen.append(kwargs["n_part"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(predictor, "predict_volume", spy)
+    monkeypatch.setattr(predict_cli, "predict_volume", spy)
     assert main(_argv(case, tmp_path / "a.nii.gz")) == 0  # the checkpoint says protocol.n_part = 2
     assert main(_argv(case, tmp_path / "b.nii.gz", "--n-part", "1")) == 0  # the command line wins
     model, ck = model_from_checkpoint(case["ckpt"])
