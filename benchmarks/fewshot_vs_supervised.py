@@ -97,13 +97,13 @@ QUICK_ITERS = 2
 
 #: Builder kwargs (CPU-sized where stated). Few-shot encoders: ResNet-34 from random init, as in the library.
 SUPERVISED_KWARGS: Dict[str, Dict[str, Any]] = {
-    "unet": {"base_channels": 16, "batch_norm": True},
+    "unet": {"base_channels": 16, "norm": "batch"},
     "resupnet": {"base_channels": 16},
     "mobilenet_aspp_se_unet": {"aspp_channels": 32, "aspp_out_channels": 128,
                                "decoder_channels": [64, 32, 32, 16, 16]},
 }
 QUICK_SUPERVISED_KWARGS: Dict[str, Dict[str, Any]] = {
-    "unet": {"base_channels": 4, "batch_norm": True},
+    "unet": {"base_channels": 4, "norm": "batch"},
     "resupnet": {"base_channels": 4},
     "mobilenet_aspp_se_unet": {"aspp_channels": 8, "aspp_out_channels": 16, "decoder_channels": [16, 8, 8, 8, 8]},
 }

@@ -28,10 +28,11 @@ import torch
 from fewshot_proto import __version__
 from fewshot_proto.errors import CheckpointError
 from fewshot_proto.models import build_model
+from fewshot_proto.models.legacy import upgrade_checkpoint
 from fewshot_proto.models.weights import read_torch_file
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "model_from_checkpoint",
-           "nonfinite_tensors", "NonFiniteCheckpointError", "CHECKPOINT_FORMAT", "upgrade_model_entry"]
+           "nonfinite_tensors", "NonFiniteCheckpointError", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = 1
 _REQUIRED = ("format", "model_name", "model_config", "model")
@@ -140,57 +141,6 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, model_name: str
     return path
 
 
-def upgrade_model_entry(name: str, kwargs: Dict[str, Any], path: str | Path) -> tuple:
-    """Today's ``(model name, kwargs)`` for a model entry written before 0.2, or ``CheckpointError`` naming the
-    change when the model it describes no longer exists.
-
-    Until 0.1.x, ``cwpa_unet`` took ``prototype_head`` (default ``"f5"``), ``head_dim``, ``head_scaler``,
-    ``head_guide`` and ``norm``. Its two variants are now two models with the same state-dict layout:
-    ``prototype_head="f5"`` (or not given) is ``cwpa_unet_matcher`` (``head_dim`` -> ``matcher_dim``,
-    ``head_scaler`` -> ``matcher_scaler``), ``prototype_head=None`` is ``cwpa_unet``. ``prototype_head=
-    "hypercolumn"``, ``head_guide=True`` and ``norm="group"`` were removed (their experiments lost). ``kwargs`` may
-    be a full model config or the partial ``model.kwargs`` of an experiment config.
-    """
-    if name != "cwpa_unet":
-        return name, dict(kwargs)
-    kw = dict(kwargs)
-    head = kw.pop("prototype_head", "f5")
-    removed = []
-    if kw.pop("head_guide", False):
-        removed.append("head_guide=True")
-    norm = kw.pop("norm", "batch")
-    if norm != "batch":
-        removed.append(f"norm={norm!r}")
-    if head not in (None, "f5"):
-        removed.append(f"prototype_head={head!r}")
-    if removed:
-        raise CheckpointError(f"checkpoint {path}: its cwpa_unet was built with {', '.join(removed)}, an option "
-                              f"removed in 0.2 (the experiments that used it lost); it cannot be rebuilt")
-    dim, scaler = kw.pop("head_dim", None), kw.pop("head_scaler", None)
-    if head is None:
-        return "cwpa_unet", kw
-    if dim is not None:
-        kw["matcher_dim"] = dim
-    if scaler is not None:
-        kw["matcher_scaler"] = scaler
-    return "cwpa_unet_matcher", kw
-
-
-def _upgrade(ckpt: Dict[str, Any], path: str | Path) -> Dict[str, Any]:
-    """The checkpoint with its model entry and its training config's ``model`` section in today's names (a
-    ``cwpa_unet`` written before 0.2 has ``prototype_head`` in its full model config; today's has none)."""
-    if not (ckpt["model_name"] == "cwpa_unet" and "prototype_head" in ckpt["model_config"]):
-        return ckpt
-    name, config = upgrade_model_entry(ckpt["model_name"], ckpt["model_config"], path)
-    ckpt = dict(ckpt, model_name=name, model_config=config, upgraded_from=ckpt["model_name"])
-    model_section = (ckpt.get("config") or {}).get("model")
-    if model_section:
-        run_name, run_kwargs = upgrade_model_entry(model_section.get("name", ""), model_section.get("kwargs") or {},
-                                                   path)
-        ckpt["config"] = dict(ckpt["config"], model={"name": run_name, "kwargs": run_kwargs})
-    return ckpt
-
-
 def load_checkpoint(path: str | Path, *, expect_model: Optional[str] = None,
                     map_location: str | torch.device = "cpu") -> Dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; raise ``CheckpointError`` naming the file and the problem."""
@@ -203,7 +153,7 @@ def load_checkpoint(path: str | Path, *, expect_model: Optional[str] = None,
     if ckpt["format"] != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {ckpt['format']}, this version reads "
                               f"{CHECKPOINT_FORMAT}")
-    ckpt = _upgrade(ckpt, path)
+    ckpt = upgrade_checkpoint(ckpt, path)
     if expect_model is not None and ckpt["model_name"] != expect_model:
         raise CheckpointError(f"checkpoint {path} holds model {ckpt['model_name']!r}, not {expect_model!r}")
     return ckpt

@@ -15,8 +15,8 @@ all deliberate:
 
 * ``same`` padding (the paper uses unpadded convolutions and an overlap-tile strategy), so the output has the
   input's size and no cropping of skips is needed; H and W must be multiples of ``2**depth`` (16).
-* Batch normalisation is an option, OFF by default (``batch_norm=False``): the default network is the paper's,
-  parameter for parameter. With ``batch_norm=True`` every 3x3 convolution is conv (no bias) -> BN -> ReLU.
+* Batch normalisation is an option, OFF by default (``norm="none"``): the default network is the paper's,
+  parameter for parameter. With ``norm="batch"`` every 3x3 convolution is conv (no bias) -> BN -> ReLU.
 * ``dropout`` (default 0, off) is applied, as in the paper, at the end of the contracting path: after the
   deepest skip level and after the bottleneck.
 * Weights are drawn from N(0, 2/fan_in) (the paper's initialisation; He et al.), biases zero.
@@ -38,19 +38,25 @@ from fewshot_proto.models.base import SupervisedSegmenter
 from fewshot_proto.models.baselines.common import SegHead
 from fewshot_proto.models.checks import check_positive_int, check_rate
 
-__all__ = ["UNet", "DoubleConv"]
+__all__ = ["UNet", "DoubleConv", "NORMS"]
+
+#: values of ``UNet(norm=...)``: no normalisation (the paper's network) or BatchNorm after every 3x3 convolution
+NORMS = ("none", "batch")
 
 
 class DoubleConv(nn.Module):
     """Two 3x3 ``same`` convolutions, each followed by (optional BN and) ReLU. ``[B, Cin, H, W] -> [B, Cout, H, W]``."""
 
-    def __init__(self, in_channels: int, out_channels: int, batch_norm: bool) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "none") -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"DoubleConv: norm must be one of {NORMS}, got {norm!r}")
+        batch = norm == "batch"
         layers: List[nn.Module] = []
         c = in_channels
         for _ in range(2):
-            layers.append(nn.Conv2d(c, out_channels, kernel_size=3, padding=1, bias=not batch_norm))
-            if batch_norm:
+            layers.append(nn.Conv2d(c, out_channels, kernel_size=3, padding=1, bias=not batch))
+            if batch:
                 layers.append(nn.BatchNorm2d(out_channels))
             layers.append(nn.ReLU(inplace=True))
             c = out_channels
@@ -67,7 +73,7 @@ class UNet(SupervisedSegmenter):
         in_channels: image channels (3: grey tiled, the harness default; 1 and 4 work too).
         base_channels: channels of the first level; level i has ``base_channels * 2**i`` (64 -> 64..1024).
         depth: number of max-poolings (4 in the paper); inputs must be multiples of ``2**depth``.
-        batch_norm: BN after every 3x3 convolution (default False: the paper's network).
+        norm: ``"none"`` (default: the paper's network) or ``"batch"`` (BN after every 3x3 convolution).
         dropout: dropout rate at the end of the contracting path (default 0: off).
         out_mode: ``"softmax"`` (two-channel head, default) or ``"sigmoid"`` (one-channel head as ``[0, z]``).
         classes: target label values ``[c_1, ..., c_K]`` for one multi-class model (head with ``1 + K``
@@ -86,7 +92,7 @@ class UNet(SupervisedSegmenter):
         in_channels: int = 3,
         base_channels: int = 64,
         depth: int = 4,
-        batch_norm: bool = False,
+        norm: str = "none",
         dropout: float = 0.0,
         out_mode: str = "softmax",
         classes: Optional[Sequence[int]] = None,
@@ -97,6 +103,8 @@ class UNet(SupervisedSegmenter):
         check_positive_int("base_channels", base_channels, "UNet")
         check_positive_int("depth", depth, "UNet")
         dropout = check_rate("dropout", dropout, "UNet")
+        if norm not in NORMS:
+            raise ValueError(f"UNet: norm must be one of {NORMS}, got {norm!r}")
         self.in_channels = in_channels
         self.total_stride = 2**depth
 
@@ -104,17 +112,17 @@ class UNet(SupervisedSegmenter):
         self.encoders = nn.ModuleList()
         c = in_channels
         for w in widths[:-1]:
-            self.encoders.append(DoubleConv(c, w, batch_norm))
+            self.encoders.append(DoubleConv(c, w, norm))
             c = w
         self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
-        self.bottleneck = DoubleConv(widths[-2], widths[-1], batch_norm)
+        self.bottleneck = DoubleConv(widths[-2], widths[-1], norm)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
         self.ups = nn.ModuleList()
         self.decoders = nn.ModuleList()
         for i in range(depth, 0, -1):
             self.ups.append(nn.ConvTranspose2d(widths[i], widths[i - 1], kernel_size=2, stride=2))
-            self.decoders.append(DoubleConv(2 * widths[i - 1], widths[i - 1], batch_norm))
+            self.decoders.append(DoubleConv(2 * widths[i - 1], widths[i - 1], norm))
         self.head = SegHead(widths[0], out_mode, self.num_classes)
         self._init_weights()
 

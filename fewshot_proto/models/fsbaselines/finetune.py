@@ -53,6 +53,7 @@ from fewshot_proto.models.base import SupervisedSegmenter
 from fewshot_proto.models.checks import check_positive_number
 from fewshot_proto.models.fsbaselines.common import (ADAPTATION_LOSSES, AdaptationCache, Adapted, AdaptingSegmenter,
                                                     adaptation_loss)
+from fewshot_proto.models.legacy import upgrade_model_entry
 from fewshot_proto.models.weights import read_state_file
 
 __all__ = ["FineTuneOnSupport", "LOSSES", "OPTIMIZERS"]
@@ -144,6 +145,9 @@ class FineTuneOnSupport(AdaptingSegmenter):
         state = None
         if checkpoint is not None:
             state, ck_name, ck_config = read_state_file(checkpoint, "finetune: base checkpoint")
+            if ck_name is not None and ck_config is not None:  # written by an earlier version: today's names
+                ck_name, ck_config = upgrade_model_entry(ck_name, ck_config, f"finetune: base checkpoint {checkpoint}",
+                                                         legacy_cwpa="prototype_head" in ck_config)
             if ck_name is not None and ck_name != base:
                 raise CheckpointError(
                     f"finetune: checkpoint {checkpoint} holds model {ck_name!r}, not the base {base!r}"

@@ -211,7 +211,7 @@ class MAMLSegmenter(AdaptingSegmenter):
             raise ValueError(f"MAMLSegmenter: norm must be one of {NORMS}, got {norm!r}")
         l2l = import_learn2learn()
         net = build_model("unet", in_channels=in_channels, base_channels=base_channels, depth=depth,
-                          batch_norm=norm != "none", out_mode=out_mode, classes=None)
+                          norm="none" if norm == "none" else "batch", out_mode=out_mode, classes=None)
         _set_norm(net, norm)
         self.maml = l2l.algorithms.MAML(net, lr=float(inner_lr), first_order=bool(first_order))
         self.inner_steps = int(inner_steps)

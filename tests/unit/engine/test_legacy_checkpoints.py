@@ -94,3 +94,26 @@ def test_todays_checkpoints_are_not_rewritten(tmp_path):
     ckpt = load_checkpoint(path)
     assert ckpt["model_name"] == "cwpa_unet" and "upgraded_from" not in ckpt
     assert ckpt["model_config"] == model.config
+
+
+@pytest.mark.parametrize("batch_norm, norm", [(True, "batch"), (False, "none")])
+def test_a_01_unet_with_batch_norm_loads_with_todays_norm(tmp_path, batch_norm, norm):
+    """0.1's ``unet(batch_norm=...)`` is today's ``unet(norm=...)``, for the model itself and as a fine-tune base."""
+    from fewshot_proto.models import build_model
+
+    torch.manual_seed(0)
+    today = build_model("unet", base_channels=4, norm=norm)
+    old_config = {k: v for k, v in today.config.items() if k != "norm"}
+    old_config["batch_norm"] = batch_norm
+    state = {k: v.clone() for k, v in today.state_dict().items()}
+    path = tmp_path / "unet.pt"
+    torch.save({"format": 1, "package_version": "0.1.0", "model_name": "unet", "model_config": old_config,
+                "model": state, "step": 5, "config": {"model": {"name": "unet", "kwargs": {"batch_norm": batch_norm}}}},
+               path)
+    model, ckpt = model_from_checkpoint(path)
+    assert model.config == today.config and ckpt["upgraded_from"] == "unet"
+    assert ckpt["config"]["model"] == {"name": "unet", "kwargs": {"norm": norm}}
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in state)
+    ft = build_model("finetune", base="unet", checkpoint=str(path), steps=0)
+    assert ft.config["base_kwargs"] == today.config
+    assert all(torch.equal(ft.base.state_dict()[k], state[k]) for k in state)

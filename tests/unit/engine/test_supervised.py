@@ -23,7 +23,7 @@ from fewshot_proto.errors import ProtocolError
 from fewshot_proto.losses import dice_bce_loss
 from fewshot_proto.models import build_model
 
-UNET_SMALL = {"base_channels": 8, "batch_norm": True}
+UNET_SMALL = {"base_channels": 8, "norm": "batch"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

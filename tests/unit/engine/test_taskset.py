@@ -123,7 +123,7 @@ def test_drives_a_learn2learn_maml_loop(phantoms):
     from fewshot_proto.models import build_model
 
     torch.manual_seed(0)
-    net = build_model("unet", base_channels=4, batch_norm=False)
+    net = build_model("unet", base_channels=4, norm="none")
     maml = l2l.algorithms.MAML(net, lr=0.01, first_order=True)
     opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
     before = [p.detach().clone() for p in maml.parameters()]

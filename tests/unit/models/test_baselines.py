@@ -47,7 +47,7 @@ from fewshot_proto.types import SegOutput
 NAMES = ["unet", "resupnet", "mobilenet_aspp_se_unet"]
 # Narrow variants so that CPU tests stay fast (the harness' width settings).
 SMALL: Dict[str, Dict[str, Any]] = {
-    "unet": dict(base_channels=4, batch_norm=True),
+    "unet": dict(base_channels=4, norm="batch"),
     "resupnet": dict(base_channels=4),
     "mobilenet_aspp_se_unet": dict(aspp_channels=8, aspp_out_channels=16, decoder_channels=(16, 8, 8, 8, 8)),
 }
@@ -153,7 +153,7 @@ def _unet_formula(cin: int, base: int, depth: int, n_out: int) -> int:
 def test_unet_parameter_count():
     assert count_parameters(UNet()) == 31_031_810 == _unet_formula(3, 64, 4, 2)
     assert count_parameters(UNet(in_channels=1)) == 31_030_658 == _unet_formula(1, 64, 4, 2)
-    assert count_parameters(UNet(batch_norm=True)) == 31_037_698
+    assert count_parameters(UNet(norm="batch")) == 31_037_698
     n_conv = sum(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in UNet(base_channels=4).modules())
     assert n_conv == 23  # the paper's 23 convolutional layers
 
@@ -413,3 +413,13 @@ def test_unet_initialisation_is_he_normal():
     assert float(model.encoders[1].block[0].bias.detach().abs().sum()) == 0.0
     up = model.ups[0]  # 2x2 transposed conv 256 -> 128: each output sees 256 inputs
     assert math.isclose(float(up.weight.detach().std()), math.sqrt(2 / 256), rel_tol=0.1)
+
+
+def test_unet_norm_vocabulary():
+    from fewshot_proto.models.baselines.unet import NORMS
+
+    assert NORMS == ("none", "batch")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in UNet(base_channels=4).modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in UNet(base_channels=4, norm="batch").modules()) == 18
+    with pytest.raises(ValueError, match=r"^UNet: norm must be one of \('none', 'batch'\), got 'instance'$"):
+        UNet(norm="instance")

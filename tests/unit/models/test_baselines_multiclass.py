@@ -11,7 +11,7 @@ from fewshot_proto.models import build_model
 from fewshot_proto.models.baselines import MobileNetASPPSEUNet, ResUpNet, UNet, count_parameters
 
 SMALL = {
-    "unet": dict(base_channels=4, batch_norm=True),
+    "unet": dict(base_channels=4, norm="batch"),
     "resupnet": dict(base_channels=4),
     "mobilenet_aspp_se_unet": dict(aspp_channels=8, aspp_out_channels=16, decoder_channels=(16, 8, 8, 8, 8)),
 }

@@ -30,7 +30,7 @@ SUPERVISED = {"unet", "resupnet", "mobilenet_aspp_se_unet"}
 NEEDS = {"maml_unet": "learn2learn"}  # optional dependency of a registered model
 TEST_CLASSES = [2, 3]
 SIZE = 64  # ResNet-34 (stride 16) and MobileNetV2 (stride 32) both accept it
-TINY_UNET: Dict[str, Any] = {"base_channels": 4, "batch_norm": True}
+TINY_UNET: Dict[str, Any] = {"base_channels": 4, "norm": "batch"}
 #: Small widths so every model runs in about a second; models absent here use their builder defaults.
 TINY_KWARGS: Dict[str, Dict[str, Any]] = {
     "unet": {"base_channels": 4},

@@ -26,7 +26,7 @@ from fewshot_proto.types import SegOutput
 ENCODER_PARAMS = 21_284_672
 ALPNET_PARAMS = ENCODER_PARAMS + 512 * 256
 # A narrow U-Net base keeps the fine-tune tests fast (BN on, so running statistics are checked too).
-SMALL_UNET: Dict[str, Any] = {"base_channels": 4, "batch_norm": True}
+SMALL_UNET: Dict[str, Any] = {"base_channels": 4, "norm": "batch"}
 FT_SMALL: Dict[str, Any] = {"base": "unet", "base_kwargs": SMALL_UNET, "steps": 3, "lr": 1e-2}
 
 
