@@ -179,16 +179,15 @@ class Setting2View:
         return len(self.base)
 
     def load(self, scan_id: str):
-        import numpy as np
-
+        from fewshot_proto.episodes.protocol import training_slices
         from fewshot_proto.errors import DataError
 
         scan_id = str(scan_id)
         if scan_id not in self._cache:
             vol = self.base.load(scan_id)
-            flat = np.asarray(vol.label).reshape(vol.label.shape[0], -1)
-            keep = ~np.isin(flat, self.test_classes).any(axis=1)
-            if not keep.any():
+            # the protocol's own Setting-2 rule (the one the episode samplers use), not a second copy of it
+            keep = training_slices(self.base.slice_index(), scan_id, 2, self.test_classes)
+            if not keep:
                 raise DataError(f"{self.name}: every slice of scan {scan_id!r} shows a test class "
                                 f"{self.test_classes}; it cannot be used under Setting 2")
             self._cache[scan_id] = dataclasses.replace(vol, image=vol.image[keep], label=vol.label[keep])
