@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,20 +29,10 @@ from fewshot_proto.config import config_from_dict
 from fewshot_proto.data import dataset_from_config
 from fewshot_proto.engine import evaluate, model_from_checkpoint
 from fewshot_proto.engine.evaluator import protocol_specs
-from fewshot_proto.engine.runtime import Runtime
+from fewshot_proto.engine.runtime import Runtime, cpu_name
 from fewshot_proto.models.fewshot import CWPAUNet, CWPAUNetMatcher
 
 RESULTS = Path(__file__).resolve().parent / "results" / "matcher_share.json"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None) -> int:
@@ -87,7 +76,7 @@ def main(argv=None) -> int:
     entry = {"checkpoint": str(args.checkpoint), "trained_steps": ckpt.get("step"), "dataset": dataset.name,
              "protocol": {"name": cfg.protocol.name, "setting": cfg.protocol.setting, "fold": cfg.protocol.fold,
                           "test_classes": list(cfg.protocol.test_classes), "shots": cfg.protocol.shots},
-             "precision": runtime.precision, "cpu": _cpu_name(), "note": args.note, "rows": rows}
+             "precision": runtime.precision, "cpu": cpu_name(), "note": args.note, "rows": rows}
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.exists() else {"entries": {}}
     doc["entries"][str(args.checkpoint)] = entry

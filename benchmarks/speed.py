@@ -319,16 +319,6 @@ def run_phase(args: argparse.Namespace, phase: str, precision: str, workdir: Pat
     return out
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def cpu_flags() -> List[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -443,7 +433,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import fewshot_proto
     from fewshot_proto.data.phantom import ensure_phantoms
-    from fewshot_proto.engine.runtime import configure_threads
+    from fewshot_proto.engine.runtime import configure_threads, cpu_name
 
     configure_threads(args.threads)
     load_start = list(os.getloadavg())
@@ -480,7 +470,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "eval_repeats": args.eval_repeats, "gemm_size": args.gemm_size,
                      "gemm_repeats": args.gemm_repeats, "flop_episodes": args.flop_episodes, "seed": args.seed,
                      "quick": bool(args.quick), "device": "cpu", "shots": 1, "loss": loss_description(args)},
-        "machine": {"cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
+        "machine": {"cpu_model": cpu_name(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
                     "torch": torch.__version__, "python": platform.python_version(),
                     "fewshot_proto": fewshot_proto.__version__, "threads": torch.get_num_threads(),
                     "load_start": load_start, "load_end": list(os.getloadavg())},

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 from dataclasses import dataclass
 from typing import Any, FrozenSet, Optional
 
@@ -21,7 +22,7 @@ import torch
 from fewshot_proto.config import PRECISIONS
 from fewshot_proto.errors import ConfigError
 
-__all__ = ["Runtime", "resolve_device", "resolve_precision", "native_bf16", "autocast", "configure_threads",
+__all__ = ["Runtime", "cpu_name", "resolve_device", "resolve_precision", "native_bf16", "autocast", "configure_threads",
            "to_memory_format"]
 
 
@@ -89,6 +90,19 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     return device.type == "cpu" and bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` where that file does not exist): every
+    timing is recorded with it, since speeds compare only as ratios measured on one machine."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def _cpu_flags() -> FrozenSet[str]:

@@ -92,3 +92,12 @@ def test_evaluate_and_predict_do_not_resolve_again(monkeypatch, phantom_dataset)
     model = build_model("panet")
     s = evaluate(model, phantom_dataset, specs, size=64, runtime=Runtime(precision="bf16"), distances=False)
     assert 0.0 <= s["mean_dice"] <= 1.0
+
+
+def test_cpu_name_is_the_model_name_line(monkeypatch, tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu\n")
+    real_open = open
+    monkeypatch.setattr(runtime, "open", lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path,
+                                                                            *a, **k), raising=False)
+    assert runtime.cpu_name() == "AMD EPYC 9B14"
