@@ -22,7 +22,7 @@ import torch
 from fewshot_proto.config import PRECISIONS
 from fewshot_proto.errors import ConfigError
 
-__all__ = ["Runtime", "cpu_name", "resolve_device", "resolve_precision", "native_bf16", "autocast", "configure_threads",
+__all__ = ["Runtime", "cpu_name", "resolve_device", "resolve_precision", "native_bf16", "configure_threads",
            "to_memory_format"]
 
 
@@ -126,12 +126,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if p == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return p
-
-
-def autocast(device: torch.device, precision: str = "fp32"):
-    """Autocast context for ``precision`` in {"auto", "fp32", "bf16", "fp16"} on ``device`` (fp16 only on CUDA):
-    ``Runtime(device, resolve_precision(precision, device)).autocast()``."""
-    return Runtime(device=device, precision=resolve_precision(precision, device)).autocast()
 
 
 def configure_threads(threads: Optional[int] = None) -> int:
