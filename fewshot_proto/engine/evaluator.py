@@ -29,7 +29,7 @@ from fewshot_proto.episodes.materialise import load_support
 from fewshot_proto.episodes.protocol import build_eval_episodes
 from fewshot_proto.metrics import MetricTable
 from fewshot_proto.metrics.distance import surface_metrics
-from fewshot_proto.metrics.overlay import save_overlay
+from fewshot_proto.metrics.html import write_gallery, write_html_report
 from fewshot_proto.metrics.report import write_report
 
 __all__ = ["evaluate", "predict_specs", "protocol_specs"]
@@ -104,6 +104,9 @@ def evaluate(model: torch.nn.Module, dataset, specs: Sequence[Any], *, size: int
              label_names: Optional[Dict[int, str]] = None) -> Dict[str, Any]:
     """Score ``model`` on ``specs``; return the summary dict (and write reports to ``out_dir`` when given).
 
+    ``out_dir``: ``metrics.json``, ``metrics.csv``, ``summary.md`` and ``report.html`` (with ``overlays``: the slice
+    gallery in ``gallery/``, inlined in the page; see ``metrics.html``).
+
     Returns ``{"rows": [...per (scan, class)...], "per_class": {...}, "mean_dice": float, "timing": {...}}``.
     Scoring: the predicted volume is restricted to the spec's ``query_z`` slices (the protocol decides which
     slices those are: the organ's slab for ``alpnet``, the positive slices for ``adnet-ep1``, every slice for
@@ -111,7 +114,7 @@ def evaluate(model: torch.nn.Module, dataset, specs: Sequence[Any], *, size: int
     """
     label_names = label_names or getattr(dataset, "label_names", {}) or {}
     table = MetricTable(class_names=label_names)
-    overlay_items = []
+    gallery: List[Dict[str, Any]] = []
     n_slices = 0
     t0 = time.perf_counter()
     for spec, prob, vol in predict_specs(model, dataset, specs, size=size, runtime=runtime, batch_size=batch_size,
@@ -131,7 +134,9 @@ def evaluate(model: torch.nn.Module, dataset, specs: Sequence[Any], *, size: int
             row.hd95, row.assd = float(d["hd95"]), float(d["assd"])
         row.extra["support"] = ";".join(f"{s}:{','.join(map(str, z))}" for s, z in spec.support)
         if out_dir is not None and overlays:
-            overlay_items.append((spec, pred[zs], truth[zs], vol))
+            gallery.append({"scan": str(spec.query_scan), "class_id": int(spec.class_id), "zs": zs,
+                            "image": vol.image[zs], "truth": truth[zs], "pred": pred[zs], "affine": vol.affine,
+                            "slice_axis": vol.slice_axis, "spacing": vol.spacing})
     elapsed = time.perf_counter() - t0
     if len(table) == 0:
         raise ValueError("evaluate: no episodes to score")
@@ -146,12 +151,14 @@ def evaluate(model: torch.nn.Module, dataset, specs: Sequence[Any], *, size: int
         "seconds_per_volume_per_class": elapsed / (n_scans * n_classes),
     }
     meta = dict(meta or {}, timing=timing)
+    meta.setdefault("precision", (runtime or Runtime()).precision)
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_report(out_dir, table, meta, summary=summary)
         if overlays:
-            _write_overlays(overlay_items, dataset, size, out_dir / "overlays")
+            write_gallery(out_dir, gallery, label_names)
+        write_html_report(out_dir)
     summary = dict(summary)
     summary["rows"] = [r.to_dict() for r in table.rows]
     summary["mean_dice"] = float(summary["overall"]["dice"]["mean"])
@@ -159,25 +166,6 @@ def evaluate(model: torch.nn.Module, dataset, specs: Sequence[Any], *, size: int
     summary["meta"] = meta
     summary["table"] = table
     return summary
-
-
-def _write_overlays(items, dataset, size, out_dir: Path, per_class: int = 2) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    done: Dict[int, int] = {}
-    for spec, pred, truth, vol in items:
-        c = int(spec.class_id)
-        if done.get(c, 0) >= per_class:
-            continue
-        done[c] = done.get(c, 0) + 1
-        zs = np.asarray(spec.query_z, dtype=int)
-        i = int(np.argmax(truth.reshape(len(zs), -1).sum(1)))
-        k = int(spec.query_chunk[i])
-        s_scan, s_zs = spec.support[0]
-        s_vol = dataset.load(s_scan)
-        sz = int(s_zs[min(k, len(s_zs) - 1)])
-        save_overlay(out_dir / f"class{c}_scan{spec.query_scan}_z{int(zs[i])}.png",
-                     s_vol.image[sz], s_vol.label[sz] == c, vol.image[zs[i]], pred[i], truth[i],
-                     title=f"class {c}: support {s_scan} z{sz} -> query {spec.query_scan} z{int(zs[i])}")
 
 
 def protocol_specs(dataset, protocol, *, folds: Optional[Sequence[int]] = None, manifest: Optional[str] = None):
