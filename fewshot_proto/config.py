@@ -71,6 +71,12 @@ class DataConfig:
     slice_axis: array axis of the file that holds slices (2 for CHAOS-T2 / SSL-ALPNet files).
     label_map: raw label value -> class id (e.g. ``{200: 1, 500: 2, 600: 3}``); unmapped non-zero values
         raise unless ``drop_unmapped`` is true, in which case they become background.
+    class_names: class id -> name (e.g. ``{1: liver, 2: right_kidney, 3: left_kidney, 4: spleen}``), the names
+        reports (``metrics.json``, ``summary.md``, TensorBoard tags) give the classes. The ids are the values AFTER
+        ``label_map`` (the class ids training and evaluation see), not the raw values in the files. YAML keys
+        may be written as strings (``"1": liver``); they are read as integers. ``None``: the names the dataset
+        carries (MSD ``dataset.json["labels"]``, an SSL-ALPNet folder's ``labels.json``, the phantoms' own);
+        when given, this mapping replaces those names as a whole (the config wins).
     normalise: ``"zscore"`` (MR, per volume), ``"ct"`` (window then training-set statistics) or ``"none"``.
     ct_window: (low, high) HU window for ``normalise: ct``.
     size: model input size (slices are resized to size x size).
@@ -82,6 +88,7 @@ class DataConfig:
     slice_axis: int = 2
     label_map: Optional[Dict[int, int]] = None
     drop_unmapped: bool = False
+    class_names: Optional[Dict[int, str]] = None
     normalise: str = "zscore"
     ct_window: Optional[List[float]] = None
     size: int = 256
@@ -340,8 +347,21 @@ def build_config(layers: Sequence[Tuple[str, Mapping[str, Any]]], base: Optional
     cfg = _build(ExperimentConfig, merged, base_name)
     if cfg.data.label_map is not None:
         cfg.data.label_map = {int(k): int(v) for k, v in cfg.data.label_map.items()}
+    if cfg.data.class_names is not None:
+        cfg.data.class_names = _int_keys(cfg.data.class_names)
     validate_config(cfg, sources=sources, default_where=base_name)
     return cfg
+
+
+def _int_keys(mapping: Mapping[Any, Any]) -> Dict[Any, Any]:
+    """``mapping`` with every key written as an integer (``"1"``, ``" 2 "``; YAML and JSON give strings) turned
+    into that ``int``; other keys are kept as they are, for :func:`validate_config` to reject by name."""
+    out: Dict[Any, Any] = {}
+    for k, v in mapping.items():
+        if isinstance(k, str) and re.fullmatch(r"\s*[-+]?\d+\s*", k):
+            k = int(k)
+        out[k] = v
+    return out
 
 
 def config_from_dict(d: Mapping[str, Any] | None, where: str = "config") -> ExperimentConfig:
@@ -507,6 +527,14 @@ def validate_config(cfg: ExperimentConfig, *, sources: Optional[Mapping[str, str
     positive_int("data.cache_volumes", d.cache_volumes, 0)
     if d.label_map is not None and any(k < 0 or v < 0 for k, v in d.label_map.items()):
         fail("data.label_map", d.label_map, "raw values and class ids must be >= 0")
+    if d.class_names is not None:
+        for k, v in d.class_names.items():
+            if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+                fail("data.class_names", d.class_names, f"key {k!r} is not a class id (an integer >= 0, the value "
+                                                        f"after data.label_map)")
+            if not isinstance(v, str) or not v.strip() or "\n" in v:
+                fail("data.class_names", d.class_names, f"the name of class {k} must be a non-empty one-line "
+                                                        f"string, got {v!r}")
     if d.root is not None and not str(d.root).strip():
         fail("data.root", d.root, "must be a folder path or null (the built-in phantoms)")
 

@@ -15,6 +15,13 @@ Two folder layouts are read:
   The training list and the class names come from ``dataset.json`` (MSD ``{"1": "Anterior"}`` and nnU-Net v2
   ``{"Anterior": 1}`` label tables are both understood).
 
+**Class names** (``dataset.label_names``, ``{class id: name}``, what reports call the classes): the ``label_names``
+argument (``data.class_names`` in a config, through :func:`dataset_from_config`) when given, for every layout;
+it replaces the names found on disk as a whole (the config wins over ``dataset.json`` / ``labels.json``). Its
+ids are class ids AFTER ``label_map``. Otherwise the names on disk, carried through ``label_map`` (several raw
+values mapped to one class are joined with ``+``); an SSL-ALPNet folder without ``labels.json`` (CHAOS-T2 as
+SSL-ALPNet ships it) has none, and reports then show empty names.
+
 Every reader is lazy: the constructor only lists files; ``load`` decodes one scan (kept in a bounded LRU cache),
 ``load_label`` decodes only the label file, and ``slice_index`` reads labels one volume at a time and caches the
 result on disk (JSON), rebuilt only when a file's ``(name, size, mtime_ns)`` changes. ``check_integrity`` reads
@@ -292,7 +299,9 @@ class NiftiDataset(VolumeDataset):
             keep test scans out of it).
         cache_volumes: decoded volumes kept in memory (LRU).
         name: dataset name (default: the folder name).
-        label_names: ``{class id: name}`` overriding the names found on disk.
+        label_names: ``{class id: name}`` replacing the names found on disk as a whole (``dataset.json``,
+            ``labels.json``); ids are class ids after ``label_map``. ``None``: the names on disk, mapped through
+            ``label_map``.
     """
 
     layout = "nifti"
@@ -640,8 +649,9 @@ class AlpnetDataset(NiftiDataset):
     """SSL-ALPNet layout: ``image_<id>.nii.gz`` + ``label_<id>.nii.gz`` in one folder (ids natural-sorted).
 
     An optional ``labels.json`` (``{"1": "liver", ...}``; or ``label_names`` in the phantoms' ``phantom.json``)
-    in the folder gives class names. See
-    :class:`NiftiDataset` for the arguments.
+    in the folder gives class names; ``label_names`` (``data.class_names``) replaces them, and is the way to
+    name the classes of a folder without one (CHAOS-T2 as SSL-ALPNet ships it). See :class:`NiftiDataset` for
+    the arguments.
     """
 
     layout = "alpnet"
@@ -704,8 +714,9 @@ class MSDDataset(NiftiDataset):
 
     Scan ids are the label file names without extension (``hippocampus_001``). The training list comes from
     ``dataset.json["training"]`` when present, else from ``labelsTr/``; an image may carry nnU-Net's ``_0000``
-    channel suffix (multi-channel cases are rejected). Class names come from ``dataset.json["labels"]``. See
-    :class:`NiftiDataset` for the arguments.
+    channel suffix (multi-channel cases are rejected). Class names come from ``dataset.json["labels"]`` unless
+    ``label_names`` (``data.class_names``) is given, in which case those win. See :class:`NiftiDataset` for the
+    arguments.
     """
 
     layout = "msd"
@@ -868,7 +879,11 @@ def open_dataset(root: Optional[PathLike] = None, layout: str = "auto", **kw: An
 
 
 def dataset_from_config(cfg: Any) -> NiftiDataset:
-    """``open_dataset`` with the fields of a :class:`~fewshot_proto.config.DataConfig`."""
+    """``open_dataset`` with the fields of a :class:`~fewshot_proto.config.DataConfig`.
+
+    ``cfg.class_names`` (when not ``None``) becomes the dataset's ``label_names`` for every layout, replacing the
+    names on disk (``dataset.json``, ``labels.json``, the phantoms' ``phantom.json``): the config wins."""
+    class_names = getattr(cfg, "class_names", None)
     return open_dataset(
         cfg.root,
         cfg.layout,
@@ -878,6 +893,7 @@ def dataset_from_config(cfg: Any) -> NiftiDataset:
         normalise=cfg.normalise,
         ct_window=None if cfg.ct_window is None else tuple(cfg.ct_window),
         cache_volumes=cfg.cache_volumes,
+        label_names=None if class_names is None else {int(k): str(v) for k, v in class_names.items()},
     )
 
 

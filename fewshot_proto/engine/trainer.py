@@ -77,10 +77,11 @@ def model_kind(name: str) -> str:
     return get_model_class(name).kind
 
 
-#: config keys a resumed run may change: how long it runs, logging, hardware and where the data now lives
+#: config keys a resumed run may change: how long it runs, logging, hardware, where the data now lives and what
+#: its classes are called
 RESUMABLE_KEYS = ("train.iters", "train.max_seconds", "train.ckpt_every", "train.log_every", "train.num_workers",
                   "train.prefetch", "train.threads", "train.device", "train.out", "data.root", "data.layout",
-                  "data.cache_volumes")
+                  "data.cache_volumes", "data.class_names")
 
 
 def check_resume_config(cfg: ExperimentConfig, ckpt: Dict[str, Any], path: str | Path) -> None:

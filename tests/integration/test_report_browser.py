@@ -11,7 +11,6 @@ import json
 import shutil
 import subprocess
 from html.parser import HTMLParser
-from pathlib import Path
 from typing import List
 
 import numpy as np

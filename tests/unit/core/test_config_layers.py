@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fewshot_proto.config import (ConfigError, ExperimentConfig, apply_overrides, build_config, config_differences,
-                                  config_to_dict, default_config, load_config, parse_set)
+                                  config_to_dict, default_config, load_config, parse_set, save_config)
 from fewshot_proto.train import build_parser, config_from_args
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -143,3 +143,38 @@ def test_config_differences_lists_changed_keys_only():
     assert config_differences(a, b, ignore=["train.iters"]) == ["protocol.test_classes: [2, 3] -> [1, 4]"]
     del b["train"]["lr"]  # a key an older version did not write is skipped
     assert config_differences(a, b, ignore=["train.iters", "protocol"]) == []
+
+
+def test_class_names_keys_written_as_strings_are_class_ids(tmp_path):
+    """YAML (and JSON) may give ``data.class_names`` keys as strings; they are read as the integers they spell."""
+    f = tmp_path / "names.yaml"
+    f.write_text("data: {class_names: {'1': liver, 2: right kidney, ' 4 ': spleen}}\n")
+    assert load_config(f).data.class_names == {1: "liver", 2: "right kidney", 4: "spleen"}
+    assert cli_config("--set", "data.class_names={'3': left_kidney}").data.class_names == {3: "left_kidney"}
+    assert default_config().data.class_names is None
+    saved = tmp_path / "saved.yaml"  # the run folder's config.yaml reads back the same
+    save_config(load_config(f), saved)
+    assert load_config(saved).data.class_names == {1: "liver", 2: "right kidney", 4: "spleen"}
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("{liver: 1}", "data.class_names = {'liver': 1}: key 'liver' is not a class id (an integer >= 0, the value "
+                   "after data.label_map)"),
+    ("{-1: liver}", "data.class_names = {-1: 'liver'}: key -1 is not a class id (an integer >= 0, the value "
+                    "after data.label_map)"),
+    ("{'-2': liver}", "data.class_names = {-2: 'liver'}: key -2 is not a class id (an integer >= 0, the value "
+                      "after data.label_map)"),
+    ("{1.5: liver}", "data.class_names = {1.5: 'liver'}: key 1.5 is not a class id (an integer >= 0, the value "
+                     "after data.label_map)"),
+    ("{1: ''}", "data.class_names = {1: ''}: the name of class 1 must be a non-empty one-line string, got ''"),
+    ("{1: '  '}", "data.class_names = {1: '  '}: the name of class 1 must be a non-empty one-line string, got '  '"),
+    ("{1: 7}", "data.class_names = {1: 7}: the name of class 1 must be a non-empty one-line string, got 7"),
+    ("{1: null}", "data.class_names = {1: None}: the name of class 1 must be a non-empty one-line string, got None"),
+    ("[liver, spleen]", "data.class_names = ['liver', 'spleen']: expected mapping or null"),
+])
+def test_bad_class_names_are_one_line_config_errors(tmp_path, yaml_text, message):
+    f = tmp_path / "bad.yaml"
+    f.write_text(f"data: {{class_names: {yaml_text}}}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value) == f"{f}: {message}"
