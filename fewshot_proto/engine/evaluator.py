@@ -129,9 +129,10 @@ def evaluate(model: torch.nn.Module, dataset, specs: Sequence[Any], *, size: int
         row = table.add_prediction(pred, truth, scan=str(spec.query_scan), class_id=int(spec.class_id),
                                    fold=int(getattr(spec, "fold", 0)), spacing=vol.spacing, zs=list(zs),
                                    distances=False)
-        if distances:
-            d = surface_metrics(pred, truth, vol.spacing, zs=slice(int(zs.min()), int(zs.max()) + 1))
-            row.hd95, row.assd = float(d["hd95"]), float(d["assd"])
+        if distances:  # the table's convention (MONAI's by default); one empty mask -> NaN, flagged one_empty
+            d = surface_metrics(pred, truth, vol.spacing, zs=slice(int(zs.min()), int(zs.max()) + 1),
+                                hd_reduction=table.hd_reduction, assd_reduction=table.assd_reduction)
+            row.hd95, row.assd, row.one_empty = float(d["hd95"]), float(d["assd"]), d["empty_masks"] == 1
         row.extra["support"] = ";".join(f"{s}:{','.join(map(str, z))}" for s, z in spec.support)
         if out_dir is not None and overlays:
             gallery.append({"scan": str(spec.query_scan), "class_id": int(spec.class_id), "zs": zs,

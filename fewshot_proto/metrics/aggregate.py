@@ -2,10 +2,10 @@
 
 Reductions (all nan-aware; ``std`` uses ``ddof=0`` by default, as ``np.nanstd`` in SSL-ALPNet):
 
-* per class: mean and std over the rows (scans) of that class, with ``n`` (rows), ``n_valid`` (finite values)
-  and ``n_inf`` (``+inf`` distances: one mask empty). NaN values (nothing to score) are skipped. ``+inf`` is
-  kept by default, so a class with any one-sided empty scan has an infinite mean distance; pass
-  ``ignore_inf=True`` to average only the finite values (``n_inf`` still says how many were dropped).
+* per class: mean and std over the rows (scans) of that class, with ``n`` (rows) and ``n_valid`` (non-NaN
+  values). NaN values are skipped: nothing to score (both masks empty), a metric not computed, or a surface
+  distance that is undefined because exactly one of prediction and truth is empty. Those last scans are counted
+  per class as ``n_empty`` (``MetricRow.one_empty``), so they are reported rather than silently dropped.
 * overall: the mean over classes of the per-class means (the field's convention: each class weighs the same,
   whatever its number of scans), with ``n_classes`` contributing a non-NaN mean; ``std`` is over classes.
 * across folds: the per-class and overall means above computed fold by fold, then mean and std over folds
@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 
 from ..types import natural_key
-from .distance import surface_metrics
+from .distance import ASSD_CONVENTIONS, HD95_CONVENTIONS, surface_distance_convention, surface_metrics
 from .overlap import ScanCounts, ZSelect
 
 __all__ = ["METRICS", "MetricRow", "MetricTable", "nan_stats", "bootstrap_ci"]
@@ -47,7 +47,9 @@ class MetricRow:
         tp, fp, fn: voxel counts summed over the scored slices of the 3-D volume.
         n_slices: number of slices scored.
         dice, iou, precision, recall: fractions (see ``fewshot_proto.metrics.overlap`` for empty masks).
-        hd95, assd: millimetres (NaN when not computed or both masks empty; +inf when one mask is empty).
+        hd95, assd: millimetres (``fewshot_proto.metrics.distance``; NaN when not computed or when a mask is empty).
+        one_empty: the surface distances were scored and exactly one of prediction and truth was empty there
+            (so ``hd95``/``assd`` are NaN); counted per class as ``n_empty``.
         extra: anything else to carry into the per-scan CSV/JSON (support scan id, slab, timing, ...).
     """
 
@@ -65,6 +67,7 @@ class MetricRow:
     recall: float = _NAN
     hd95: float = _NAN
     assd: float = _NAN
+    one_empty: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -80,6 +83,7 @@ class MetricRow:
         empty: float = _NAN,
         hd95: float = _NAN,
         assd: float = _NAN,
+        one_empty: bool = False,
         extra: Optional[Mapping[str, Any]] = None,
     ) -> "MetricRow":
         """A row whose overlap scores are reduced from ``counts`` (``empty`` for both-empty masks)."""
@@ -95,6 +99,7 @@ class MetricRow:
             **counts.scores(empty=empty),
             hd95=float(hd95),
             assd=float(assd),
+            one_empty=bool(one_empty),
             extra=dict(extra or {}),
         )
 
@@ -103,25 +108,16 @@ class MetricRow:
         return asdict(self)
 
 
-def nan_stats(values: Sequence[float], *, ddof: int = 0, ignore_inf: bool = False) -> Dict[str, Any]:
-    """``{"mean", "std", "n", "n_valid", "n_inf"}`` of ``values`` skipping NaN (and ``+-inf`` if
-    ``ignore_inf``). ``mean``/``std`` are NaN when nothing is valid; ``std`` is NaN when fewer than
-    ``ddof + 1`` values are valid. With ``+inf`` kept, mean is ``inf`` and std NaN when any value is infinite.
-    """
+def nan_stats(values: Sequence[float], *, ddof: int = 0) -> Dict[str, Any]:
+    """``{"mean", "std", "n", "n_valid"}`` of ``values`` skipping NaN. ``mean``/``std`` are NaN when nothing is
+    valid; ``std`` is NaN when fewer than ``ddof + 1`` values are valid."""
     v = np.asarray(list(values), dtype=np.float64)
-    n_inf = int(np.count_nonzero(np.isinf(v)))
-    keep = np.isfinite(v) if ignore_inf else ~np.isnan(v)
-    x = v[keep]
+    x = v[~np.isnan(v)]
     n_valid = int(x.size)
-    if n_valid == 0:
-        mean = std = _NAN
-    elif np.isinf(x).any():
-        mean = float(np.mean(x))  # +inf (or nan when +inf and -inf mix)
-        std = _NAN
-    else:
-        mean = float(np.mean(x))
+    mean = float(np.mean(x)) if n_valid else _NAN
+    with np.errstate(invalid="ignore"):  # an infinite value (a caller's choice) makes std NaN, silently
         std = float(np.std(x, ddof=ddof)) if n_valid > ddof else _NAN
-    return {"mean": mean, "std": std, "n": int(v.size), "n_valid": n_valid, "n_inf": n_inf}
+    return {"mean": mean, "std": std, "n": int(v.size), "n_valid": n_valid}
 
 
 def bootstrap_ci(
@@ -166,13 +162,15 @@ class MetricTable:
 
         table = MetricTable(class_names={1: "liver", 4: "spleen"})
         table.add_prediction(pred_zhw, truth_zhw == 1, scan="3", class_id=1, fold=0, spacing=(7.7, 1.5, 1.5))
-        summary = table.summary()           # JSON-ready dict (NaN/inf still floats: see report.py)
-        summary["per_class"]["1"]["dice"]   # {"mean": ..., "std": ..., "n": ..., "n_valid": ..., "n_inf": ...}
+        summary = table.summary()           # JSON-ready dict (NaN still floats: see report.py)
+        summary["per_class"]["1"]["dice"]   # {"mean": ..., "std": ..., "n": ..., "n_valid": ...}
 
     Args:
         class_names: ``{class_id: name}`` used when a row has no name.
         ddof: delta degrees of freedom of every std (0 = population std, the field's habit).
-        ignore_inf: drop ``+inf`` distances from means (they are always counted in ``n_inf``).
+        hd_reduction, assd_reduction: the surface-distance convention of ``add_prediction`` (and of every caller
+            that scores distances for this table), named in ``summary()["surface_distance"]``: ``"max"`` /
+            ``"pooled"`` are MONAI's (default), ``"pooled"`` / ``"mean"`` medpy's (``fewshot_proto.metrics.distance``).
     """
 
     def __init__(
@@ -180,11 +178,17 @@ class MetricTable:
         class_names: Optional[Mapping[int, str]] = None,
         *,
         ddof: int = 0,
-        ignore_inf: bool = False,
+        hd_reduction: str = "max",
+        assd_reduction: str = "pooled",
     ) -> None:
+        if hd_reduction not in HD95_CONVENTIONS:
+            raise ValueError(f"hd95 reduction must be 'max' or 'pooled'; got {hd_reduction!r}")
+        if assd_reduction not in ASSD_CONVENTIONS:
+            raise ValueError(f"assd reduction must be 'pooled' or 'mean'; got {assd_reduction!r}")
         self.class_names: Dict[int, str] = {int(k): str(v) for k, v in (class_names or {}).items()}
         self.ddof = int(ddof)
-        self.ignore_inf = bool(ignore_inf)
+        self.hd_reduction = hd_reduction
+        self.assd_reduction = assd_reduction
         self._rows: List[MetricRow] = []
         self._keys: Dict[Tuple[Optional[int], str, int], int] = {}
 
@@ -237,7 +241,7 @@ class MetricTable:
         distances: bool = True,
         empty: float = _NAN,
         both_empty_distance: float = _NAN,
-        one_empty_distance: float = float("inf"),
+        one_empty_distance: float = _NAN,
         extra: Optional[Mapping[str, Any]] = None,
     ) -> MetricRow:
         """Score a binary prediction volume against a binary truth volume and add the row.
@@ -248,7 +252,8 @@ class MetricTable:
             spacing: voxel size ``(z, y, x)`` mm for HD95/ASSD.
             zs: slices to score (``None`` = all; ``slice(z0, z1 + 1)`` = slab); distances need a contiguous
                 slab.
-            distances: compute HD95 and ASSD (NaN otherwise).
+            distances: compute HD95 and ASSD with the table's convention (NaN otherwise); a row whose prediction
+                or truth (not both) is empty in ``zs`` gets ``one_empty_distance`` (NaN) and ``one_empty=True``.
             empty: overlap score when both masks are empty in the scored slices (see ``overlap``).
             both_empty_distance, one_empty_distance: distance values for empty masks (see ``distance``).
         """
@@ -261,6 +266,7 @@ class MetricTable:
                 )
         counts = ScanCounts.from_masks(pred, truth, scan=scan, class_id=class_id, zs=zs, fold=fold)
         h = a = _NAN
+        one = False
         if distances:
             try:
                 d = surface_metrics(
@@ -268,13 +274,18 @@ class MetricTable:
                     truth,
                     spacing,
                     zs=zs,
+                    hd_reduction=self.hd_reduction,
+                    assd_reduction=self.assd_reduction,
                     both_empty=both_empty_distance,
                     one_empty=one_empty_distance,
                 )
             except ValueError as e:
                 raise ValueError(f"scan {scan!r}, class {class_id}: {e}") from None
-            h, a = d["hd95"], d["assd"]
-        return self.add_counts(counts, empty=empty, hd95=h, assd=a, class_name=class_name, extra=extra)
+            h, a, one = d["hd95"], d["assd"], d["empty_masks"] == 1
+        row = MetricRow.from_counts(
+            counts, class_name=class_name, empty=empty, hd95=h, assd=a, one_empty=one, extra=extra
+        )
+        return self.add(row)
 
     @property
     def rows(self) -> List[MetricRow]:
@@ -317,7 +328,7 @@ class MetricTable:
             if not rows:
                 continue
             out[c] = {
-                m: nan_stats([getattr(r, m) for r in rows], ddof=self.ddof, ignore_inf=self.ignore_inf)
+                m: nan_stats([getattr(r, m) for r in rows], ddof=self.ddof)
                 for m in metrics
             }
         return out
@@ -329,7 +340,7 @@ class MetricTable:
         pc = self.per_class(metrics, fold=fold) if per_class is None else per_class
         out: Dict[str, Dict[str, Any]] = {}
         for m in metrics:
-            s = nan_stats([pc[c][m]["mean"] for c in pc], ddof=self.ddof, ignore_inf=self.ignore_inf)
+            s = nan_stats([pc[c][m]["mean"] for c in pc], ddof=self.ddof)
             out[m] = {"mean": s["mean"], "std": s["std"], "n_classes": s["n_valid"]}
         return out
 
@@ -347,11 +358,11 @@ class MetricTable:
             pc[c] = {}
             for m in metrics:
                 vals = [per_fold_pc[f][c][m]["mean"] for f in folds if c in per_fold_pc[f]]
-                s = nan_stats(vals, ddof=self.ddof, ignore_inf=self.ignore_inf)
+                s = nan_stats(vals, ddof=self.ddof)
                 pc[c][m] = {"mean": s["mean"], "std": s["std"], "n_folds": s["n_valid"]}
         ov: Dict[str, Dict[str, Any]] = {}
         for m in metrics:
-            s = nan_stats([per_fold_ov[f][m]["mean"] for f in folds], ddof=self.ddof, ignore_inf=self.ignore_inf)
+            s = nan_stats([per_fold_ov[f][m]["mean"] for f in folds], ddof=self.ddof)
             ov[m] = {"mean": s["mean"], "std": s["std"], "n_folds": s["n_valid"]}
         return {"folds": folds, "per_class": pc, "overall": ov, "_per_fold": (per_fold_pc, per_fold_ov)}
 
@@ -367,8 +378,8 @@ class MetricTable:
         """Percentile bootstrap CIs of the per-class means and of the overall mean (mean of class means).
 
         The resampling unit is a (fold, scan) pair, drawn with replacement; all classes of a drawn scan come
-        along, so the CI reflects the correlation between classes of one scan. Infinite values are treated as
-        missing here (a CI on an infinite mean says nothing).
+        along, so the CI reflects the correlation between classes of one scan. NaN (and any infinite) values are
+        treated as missing.
 
         Returns ``{"level", "n_boot", "per_class": {class_id: {metric: [lo, hi]}}, "overall": {metric: [lo, hi]}}``.
         """
@@ -416,14 +427,16 @@ class MetricTable:
         seed: int = 0,
         bootstrap_metrics: Sequence[str] = ("dice",),
     ) -> Dict[str, Any]:
-        """Everything a report needs, as a dict with string keys (floats may be NaN/inf; see report.py).
+        """Everything a report needs, as a dict with string keys (floats may be NaN; see report.py).
 
         Layout::
 
-            {"metrics": [...], "ddof": 0, "ignore_inf": false,
+            {"metrics": [...], "ddof": 0,
+             "surface_distance": {"hd95": "...", "assd": "...", "units": "mm", ...},  # the convention, in words
+             "n_empty": 3,                                # rows with exactly one empty mask, all classes
              "classes": [{"class_id": 1, "class_name": "liver"}, ...],
-             "per_class": {"1": {"class_name": "liver", "n_scans": 20,
-                                 "dice": {"mean", "std", "n", "n_valid", "n_inf"[, "ci"]}, ...}, ...},
+             "per_class": {"1": {"class_name": "liver", "n_scans": 20, "n_empty": 1,
+                                 "dice": {"mean", "std", "n", "n_valid"[, "ci"]}, ...}, ...},
              "overall": {"dice": {"mean", "std", "n_classes"[, "ci"]}, ...},
              "folds": {"0": {"per_class": {...}, "overall": {...}}, ...},          # when any row has a fold
              "across_folds": {"n_folds": 5, "per_class": {...}, "overall": {...}}  # when >= 2 folds
@@ -437,10 +450,16 @@ class MetricTable:
         out: Dict[str, Any] = {
             "metrics": list(metrics),
             "ddof": self.ddof,
-            "ignore_inf": self.ignore_inf,
+            "surface_distance": surface_distance_convention(self.hd_reduction, self.assd_reduction),
+            "n_empty": sum(bool(r.one_empty) for r in self._rows),
             "classes": [{"class_id": c, "class_name": self.class_name(c)} for c in self.classes()],
             "per_class": {
-                str(c): {"class_name": self.class_name(c), "n_scans": len(self.select(class_id=c)), **pc[c]}
+                str(c): {
+                    "class_name": self.class_name(c),
+                    "n_scans": len(self.select(class_id=c)),
+                    "n_empty": sum(bool(r.one_empty) for r in self.select(class_id=c)),
+                    **pc[c],
+                }
                 for c in pc
             },
             "overall": ov,

@@ -272,13 +272,16 @@ def build_html(doc: Mapping[str, Any], gallery: Sequence[Mapping[str, Any]], fol
     convention = doc.get("surface_distance")
     if convention:
         out.append(f"<p>Surface distances: {_fmt(json.dumps(convention))}</p>")
-    out.append("<h2>Per class</h2><table id='per-class'><tr><th>class</th><th>name</th><th>scans</th>")
+    out.append("<h2>Per class</h2><table id='per-class'><tr><th>class</th><th>name</th><th>scans</th>"
+               "<th title='scans where exactly one of prediction and truth is empty: no surface distance'>"
+               "one mask empty</th>")
     out += [f"<th>{html.escape(m)} mean</th><th>{html.escape(m)} std</th>" for m in metrics]
     out.append("</tr>")
     for c in classes:
         s = per_class.get(str(c["class_id"])) or {}
         out.append(f"<tr data-class='{int(c['class_id'])}'><td>{int(c['class_id'])}</td>"
-                   f"<td>{_fmt(c.get('class_name') or '')}</td><td class='num'>{_fmt(s.get('n_scans'))}</td>")
+                   f"<td>{_fmt(c.get('class_name') or '')}</td><td class='num'>{_fmt(s.get('n_scans'))}</td>"
+                   f"<td class='num' data-metric='n_empty'>{_fmt(s.get('n_empty'))}</td>")
         for m in metrics:
             st = s.get(m) or {}
             out.append(f"<td class='num' data-metric='{m}-mean'>{_fmt(st.get('mean'))}</td>"

@@ -2,16 +2,21 @@
 
 Encoding rules (so every file is valid, strict JSON / plain CSV):
 
-* JSON: ``NaN`` -> ``null``; ``+inf`` -> ``"inf"``; ``-inf`` -> ``"-inf"`` (strings, so "undefined" and
-  "infinitely far" stay distinguishable); numpy scalars/arrays -> numbers/lists; tuples -> lists; paths -> str.
-  Files are written with ``allow_nan=False``. ``read_metrics_json`` turns those values back into floats in the
-  numeric fields (metric columns, ``mean``/``std``/``ci``).
+* JSON: ``NaN`` -> ``null``; ``+inf`` -> ``"inf"``; ``-inf`` -> ``"-inf"`` (strings; no metric produces an
+  infinity by default, but a caller's value still encodes); numpy scalars/arrays -> numbers/lists; tuples ->
+  lists; paths -> str. Files are written with ``allow_nan=False``. ``read_metrics_json`` turns those values back
+  into floats in the numeric fields (metric columns, ``mean``/``std``/``ci``).
+* Surface distances: ``metrics.json`` carries ``"surface_distance"`` (how HD95/ASSD were defined, units: see
+  ``distance.surface_distance_convention``) and ``n_empty`` (scans where exactly one of prediction and truth is
+  empty, so HD95/ASSD are NaN) overall and per class; each row has ``one_empty``. ``metrics.csv`` has the per-row
+  ``one_empty`` flag and a ``surface_distance`` column holding the convention's tag
+  (``hd95=max-of-directed-p95;assd=pooled-mean;mm`` by default); ``summary.md`` states the convention in one line
+  and shows ``n_empty`` per class.
 * CSV: one row per (fold, scan, class); NaN as ``nan`` and infinities as ``inf``/``-inf`` (``float()`` and
   pandas parse both); a missing fold as an empty cell; ``extra`` keys become extra columns (JSON-encoded when
   not scalar).
 * Human tables (``summary.md``, ``format_dice_table``): Dice/IoU/precision/recall in percent, distances in mm,
-  ``mean ± std``; ``n/a`` for NaN; ``inf`` when a one-sided empty mask makes a distance infinite (the count is
-  shown in brackets).
+  ``mean ± std``; ``n/a`` for NaN.
 
 Every file is written atomically (temporary file in the same directory, ``fsync``, ``os.replace``).
 """
@@ -31,6 +36,7 @@ import numpy as np
 
 from .. import __version__
 from .aggregate import METRICS, MetricRow, MetricTable
+from .distance import surface_distance_convention
 
 __all__ = [
     "FORMAT",
@@ -177,7 +183,9 @@ def metrics_document(
     return doc
 
 
-_CSV_FIELDS = ("fold", "scan", "class_id", "class_name", "n_slices", "tp", "fp", "fn") + METRICS
+_CSV_FIELDS = ("fold", "scan", "class_id", "class_name", "n_slices", "tp", "fp", "fn") + METRICS + ("one_empty",)
+#: CSV column naming the surface-distance convention of ``hd95``/``assd`` (the same tag on every row).
+_CSV_CONVENTION = "surface_distance"
 
 
 def _csv_cell(v: Any) -> str:
@@ -195,19 +203,26 @@ def _csv_cell(v: Any) -> str:
     return json.dumps(to_jsonable(v), allow_nan=False)
 
 
-def rows_to_csv(rows: Iterable[MetricRow]) -> str:
-    """CSV text, one line per row; ``extra`` keys (union over rows, first-seen order) as extra columns."""
+def rows_to_csv(rows: Iterable[MetricRow], *, surface_distance: Optional[str] = None) -> str:
+    """CSV text, one line per row: the row fields (``one_empty`` as ``True``/``False``), then the
+    ``surface_distance`` column (``surface_distance``, default: the tag of the default convention, or of the
+    table's when ``rows`` is a ``MetricTable``), then the ``extra`` keys (union over rows, first-seen order)."""
+    if surface_distance is None:
+        conv = (rows.hd_reduction, rows.assd_reduction) if isinstance(rows, MetricTable) else ()
+        surface_distance = surface_distance_convention(*conv)["tag"]
     rows = list(rows)
+    fixed = _CSV_FIELDS + (_CSV_CONVENTION,)
     extra_keys: List[str] = []
     for r in rows:
         for k in r.extra:
-            if k not in extra_keys and k not in _CSV_FIELDS:
+            if k not in extra_keys and k not in fixed:
                 extra_keys.append(k)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(list(_CSV_FIELDS) + extra_keys)
+    w.writerow(list(fixed) + extra_keys)
     for r in rows:
-        w.writerow([_csv_cell(getattr(r, k)) for k in _CSV_FIELDS] + [_csv_cell(r.extra.get(k)) for k in extra_keys])
+        w.writerow([_csv_cell(getattr(r, k)) for k in _CSV_FIELDS] + [surface_distance]
+                   + [_csv_cell(r.extra.get(k)) for k in extra_keys])
     return buf.getvalue()
 
 
@@ -221,10 +236,10 @@ def _num(v: Any) -> float:
     return float(v)
 
 
-def _stat_parts(stat: Optional[Mapping[str, Any]], metric: str, digits: int = 2) -> Tuple[str, str, str]:
-    """``(mean, std, suffix)`` strings of a stats dict ("" for a missing std / suffix)."""
+def _stat_parts(stat: Optional[Mapping[str, Any]], metric: str, digits: int = 2) -> Tuple[str, str]:
+    """``(mean, std)`` strings of a stats dict ("" for a missing std)."""
     if not stat:
-        return "n/a", "", ""
+        return "n/a", ""
     scale = 100.0 if metric in _PERCENT else 1.0
     mean, std = _num(stat.get("mean")), _num(stat.get("std"))
     if math.isnan(mean):
@@ -234,14 +249,13 @@ def _stat_parts(stat: Optional[Mapping[str, Any]], metric: str, digits: int = 2)
     else:
         m = f"{mean * scale:.{digits}f}"
         sd = "" if math.isnan(std) else f"{std * scale:.{digits}f}"
-    n_inf = int(stat.get("n_inf", 0) or 0)
-    return m, sd, (f" [{n_inf} inf]" if n_inf else "")
+    return m, sd
 
 
 def _fmt_stat(stat: Optional[Mapping[str, Any]], metric: str) -> str:
-    """``"mean ± std"`` (percent for overlap scores, mm for distances), ``n/a``/``inf`` when undefined."""
-    m, sd, suffix = _stat_parts(stat, metric)
-    return m + (f" ± {sd}" if sd else "") + suffix
+    """``"mean ± std"`` (percent for overlap scores, mm for distances), ``n/a`` when undefined."""
+    m, sd = _stat_parts(stat, metric)
+    return m + (f" ± {sd}" if sd else "")
 
 
 def _fmt_column(stats: Sequence[Optional[Mapping[str, Any]]], metric: str) -> List[str]:
@@ -249,11 +263,10 @@ def _fmt_column(stats: Sequence[Optional[Mapping[str, Any]]], metric: str) -> Li
     parts = [_stat_parts(st, metric) for st in stats]
     wm = max(len(p[0]) for p in parts)
     ws = max(len(p[1]) for p in parts)
-    wx = max(len(p[2]) for p in parts)
     out = []
-    for m, sd, suffix in parts:
+    for m, sd in parts:
         tail = f" ± {sd.rjust(ws)}" if sd else (" " * (ws + 3) if ws else "")
-        out.append(m.rjust(wm) + tail + suffix.ljust(wx))
+        out.append(m.rjust(wm) + tail)
     return out
 
 
@@ -314,8 +327,12 @@ def format_summary_markdown(
     metrics: Sequence[str] = ("dice", "iou", "hd95", "assd"),
 ) -> str:
     """Markdown summary: a meta line, a per-class table (rows = classes, columns = ``metrics`` as
-    mean ± std over scans, last row = mean over classes), and the same over folds when available."""
+    mean ± std over scans, last row = mean over classes), and the same over folds when available.
+
+    With HD95 or ASSD among ``metrics``: the scans table has an ``n_empty`` column (scans where exactly one of
+    prediction and truth is empty: no distance) and one line names the surface-distance convention."""
     metrics = [m for m in metrics if m in summary.get("metrics", METRICS)]
+    with_distances = any(m in ("hd95", "assd") for m in metrics)
     lines = ["# Evaluation summary", ""]
     if meta:
         keys = [k for k in ("dataset", "protocol", "setting", "shots", "folds", "fold", "model", "checkpoint",
@@ -327,22 +344,25 @@ def format_summary_markdown(
             lines.append(f"- **{k}**: {v}")
         lines.append("")
 
-    def table(per_class: Mapping[str, Any], overall: Mapping[str, Any], count_key: str) -> List[str]:
-        header = ["class", "name", count_key] + [_LABELS[m] for m in metrics]
+    def table(per_class: Mapping[str, Any], overall: Mapping[str, Any], count_key: str,
+              n_empty: bool = False) -> List[str]:
+        header = ["class", "name", count_key] + (["n_empty"] if n_empty else []) + [_LABELS[m] for m in metrics]
         rows = []
         for c, d in per_class.items():
             name = str(summary.get("per_class", {}).get(str(c), {}).get("class_name", d.get("class_name", "")))
             first = d.get(metrics[0], {}) if metrics else {}
             n = d.get("n_scans", first.get("n_folds", first.get("n", "")))
-            rows.append([str(c), name, str(n)] + [_fmt_stat(d.get(m), m) for m in metrics])
+            ne = [str(d.get("n_empty", "n/a"))] if n_empty else []
+            rows.append([str(c), name, str(n)] + ne + [_fmt_stat(d.get(m), m) for m in metrics])
         first_ov = overall.get(metrics[0], {}) if metrics else {}
         n_cls = first_ov.get("n_classes", first_ov.get("n_folds", ""))
-        rows.append(["**mean**", "", str(n_cls)] + [_fmt_stat(overall.get(m), m) for m in metrics])
+        ne = [str(summary.get("n_empty", "n/a"))] if n_empty else []
+        rows.append(["**mean**", "", str(n_cls)] + ne + [_fmt_stat(overall.get(m), m) for m in metrics])
         return _md_table(header, rows)
 
     lines.append("Mean ± std over scans (3-D scores per scan; mean row = mean over classes of the class means).")
     lines.append("")
-    lines += table(summary.get("per_class", {}), summary.get("overall", {}), "scans")
+    lines += table(summary.get("per_class", {}), summary.get("overall", {}), "scans", n_empty=with_distances)
     af = summary.get("across_folds")
     if af:
         lines += ["", f"Mean ± std over {af.get('n_folds')} folds (of the per-fold means).", ""]
@@ -359,12 +379,15 @@ def format_summary_markdown(
             ci = summary.get("overall", {}).get(m, {}).get("ci")
             if ci is not None:
                 lines.append(f"- overall {m}: {_fmt_ci(ci, m)}")
-    lines += [
-        "",
-        "Dice/IoU in %, distances in mm. `n/a`: nothing to score (both masks empty); `inf`: one mask empty "
-        "(count in brackets).",
-        "",
-    ]
+    lines += ["", "Dice/IoU in %, distances in mm. `n/a`: nothing to score."]
+    if with_distances:
+        conv = summary.get("surface_distance") or {}
+        lines.append(
+            f"Surface distances ({conv.get('units', 'mm')}): HD95 = {conv.get('hd95', 'convention not recorded')}; "
+            f"ASSD = {conv.get('assd', 'convention not recorded')}. `n_empty`: scans where exactly one of "
+            "prediction and truth is empty (no distance, left out of the means; the mean row counts all classes)."
+        )
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -111,3 +111,24 @@ def test_evaluate_takes_class_names_from_the_dataset():
     s = evaluate(FastPathModel(), ds, _specs(ds, 1)[:1], size=SIZE, batch_size=4, distances=False)
     # the first spec is class 1 of query scan 1 -> its name comes from the dataset
     assert s["classes"] == [{"class_id": 1, "class_name": "liver"}]
+
+
+def test_an_empty_prediction_gives_nan_distances_counted_in_n_empty(toy_eval, tmp_path):
+    """A model that predicts nothing: every row has exactly one empty mask, so HD95/ASSD are NaN (never +inf),
+    ``one_empty`` is set and each class counts its scans in ``n_empty``, in the summary and in metrics.json."""
+    import json
+
+    ds, specs, model_cls, size = toy_eval
+
+    class NothingModel(model_cls):
+        def segment(self, q_feats, protos):
+            logits = super().segment(q_feats, protos)
+            return torch.stack([logits[:, 1].abs() + 1, logits[:, 1].abs() * 0], dim=1)
+
+    s = evaluate(NothingModel(), ds, specs, size=size, batch_size=4, out_dir=tmp_path, overlays=False)
+    assert [r["dice"] for r in s["rows"]] == [0.0] * 4
+    assert all(np.isnan(r["hd95"]) and np.isnan(r["assd"]) and r["one_empty"] for r in s["rows"])
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert {c: v["n_empty"] for c, v in doc["per_class"].items()} == {"1": 2, "2": 2}
+    assert doc["n_empty"] == 4 and doc["per_class"]["1"]["hd95"]["mean"] is None
+    assert "one mask empty" in (tmp_path / "report.html").read_text()

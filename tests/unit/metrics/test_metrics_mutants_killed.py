@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from fewshot_proto.metrics.aggregate import MetricRow, MetricTable, bootstrap_ci, nan_stats
-from fewshot_proto.metrics.distance import assd, hd95, surface, surface_distances, surface_metrics
+from fewshot_proto.metrics.distance import (
+    assd,
+    hd95,
+    surface,
+    surface_distance_convention,
+    surface_distances,
+    surface_metrics,
+)
 from fewshot_proto.metrics.overlap import (
     ScanCounts,
     as_mask,
@@ -227,7 +234,7 @@ def test_distance_cls_selects_label():
     pred, truth = _label_pair()
     assert hd95(pred, truth, cls=2) == 2.0
     assert assd(pred, truth, cls=2) == 2.0
-    assert surface_metrics(pred, truth, cls=2) == {"hd95": 2.0, "assd": 2.0}
+    assert surface_metrics(pred, truth, cls=2) == {"hd95": 2.0, "assd": 2.0, "empty_masks": 0}
     d_pt, d_tp = surface_distances(pred, truth, cls=2)
     assert d_pt.tolist() == [2.0] and d_tp.tolist() == [2.0]
 
@@ -296,13 +303,28 @@ def test_add_prediction_integer_masks_and_options():
     # spacing (1, 1, 3): x spacing 3 mm -> 6 mm. dice 0 (no overlap).
     r = t.add_prediction(pred, truth, scan="a", class_id=1, fold=3, spacing=(1.0, 1.0, 3.0), class_name="liver")
     assert (r.fold, r.class_name, r.hd95, r.assd, r.dice) == (3, "liver", 6.0, 6.0, 0.0)
-    # one mask empty -> one_empty_distance; both empty -> both_empty_distance
+    # one mask empty -> one_empty_distance (flagged); both empty -> both_empty_distance (not flagged)
     r = t.add_prediction(np.zeros_like(pred), truth, scan="b", class_id=1, one_empty_distance=99.0)
-    assert (r.hd95, r.assd) == (99.0, 99.0)
+    assert (r.hd95, r.assd, r.one_empty) == (99.0, 99.0, True)
     r = t.add_prediction(np.zeros_like(pred), np.zeros_like(truth), scan="c", class_id=1, both_empty_distance=0.0)
-    assert (r.hd95, r.assd) == (0.0, 0.0)
+    assert (r.hd95, r.assd, r.one_empty) == (0.0, 0.0, False)
     with pytest.raises(ValueError):
         t.add_prediction(pred * 2, truth, scan="d", class_id=1)  # label value 2 is not binary
+
+
+def test_add_prediction_uses_the_table_convention():
+    # the line segments of test_metrics_distance (truth x 0..9, prediction x 0..4, x spacing 2 mm):
+    # MONAI (default) HD95 9.1 / ASSD 2.0; medpy pooled HD95 8.6 / mean-of-means ASSD 1.5
+    truth = np.zeros((1, 1, 20), dtype=bool)
+    truth[0, 0, :10] = True
+    pred = np.zeros_like(truth)
+    pred[0, 0, :5] = True
+    sp = (3.0, 5.0, 2.0)
+    r = MetricTable().add_prediction(pred, truth, scan="a", class_id=1, spacing=sp)
+    assert (r.hd95, r.assd) == (pytest.approx(9.1, abs=1e-12), 2.0)
+    t = MetricTable(hd_reduction="pooled", assd_reduction="mean")
+    r = t.add_prediction(pred, truth, scan="a", class_id=1, spacing=sp)
+    assert (r.hd95, r.assd) == (pytest.approx(8.6, abs=1e-12), 1.5)
 
 
 def _fold_table(**kw):
@@ -359,8 +381,11 @@ def test_folds_none_last_and_summary_keys():
     t.add(MetricRow("a", 1, fold=None, dice=0.6))
     assert t.folds() == [0, None]
     s = t.summary(["dice"])
-    assert set(s) == {"metrics", "ddof", "ignore_inf", "classes", "per_class", "overall", "folds", "across_folds"}
-    assert s["metrics"] == ["dice"] and s["ddof"] == 0 and s["ignore_inf"] is False
+    assert set(s) == {"metrics", "ddof", "surface_distance", "n_empty", "classes", "per_class", "overall", "folds",
+                      "across_folds"}
+    assert s["metrics"] == ["dice"] and s["ddof"] == 0 and s["n_empty"] == 0
+    assert s["surface_distance"] == surface_distance_convention("max", "pooled")
+    assert set(s["per_class"]["1"]) == {"class_name", "n_scans", "n_empty", "dice"}
     assert s["classes"] == [{"class_id": 1, "class_name": "liver"}]
     assert set(s["folds"]) == {"0", "none"}
     assert list(s["folds"]["0"]["per_class"]) == ["1"]
