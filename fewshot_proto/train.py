@@ -3,7 +3,7 @@
     python -m fewshot_proto.train --shots 1          # built-in phantoms, default budget (< 10 min on 2 CPU cores)
     python -m fewshot_proto.train --config configs/experiments/chaos_t2_setting2_23_1shot.yaml --fold 1
     python -m fewshot_proto.train --shots 1 --set train.lr=1e-3 data.size=128
-    python -m fewshot_proto.train --resume runs/phantom/version_0/checkpoint.pt --iters 2000
+    python -m fewshot_proto.train --resume RUN/checkpoint.pt --iters 2000
 
 The config is the built-in default, then the --config file (which states only what differs), then the flags, then
 --set KEY=VALUE overrides (any key, dotted). The resolved config is printed at the start and saved with the run.
@@ -24,7 +24,9 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from fewshot_proto.config import (PRECISIONS, ExperimentConfig, build_config, config_from_dict, config_to_dict,
+from fewshot_proto.cli import (THREADS_DEFAULT, Parser, add_data_args, add_device_args, add_progress_arg, prog_name,
+                               run_main)
+from fewshot_proto.config import (ExperimentConfig, build_config, config_from_dict, config_to_dict, default_config,
                                   dotted_to_nested, parse_set, read_config_file)
 from fewshot_proto.data import dataset_from_config
 from fewshot_proto.engine import evaluate, train
@@ -32,7 +34,8 @@ from fewshot_proto.engine.checkpoint import load_checkpoint
 from fewshot_proto.engine.evaluator import protocol_specs
 from fewshot_proto.engine.runtime import Runtime, resolve_device
 from fewshot_proto.engine.trainer import open_training_folder
-from fewshot_proto.errors import ConfigError, run_cli
+from fewshot_proto.engine.trainlog import log_evaluation
+from fewshot_proto.errors import ConfigError
 from fewshot_proto.metrics.report import format_dice_table
 
 
@@ -45,44 +48,77 @@ def parse_classes(text: Optional[str]) -> Optional[List[int]]:
         raise argparse.ArgumentTypeError(f"expected comma-separated class ids such as 2,3, got {text!r}") from None
 
 
-def add_common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="dataset folder (absent: the built-in synthetic phantoms)")
-    p.add_argument("--layout", choices=["auto", "alpnet", "msd"], help="dataset layout (default auto)")
-    p.add_argument("--shots", type=int, help="support scans per episode (k-shot)")
-    p.add_argument("--setting", type=int, choices=[1, 2], help="1: test classes may appear in training; "
-                   "2: every training slice with any test class is dropped")
-    p.add_argument("--test-classes", type=parse_classes, help="held-out classes, e.g. 2,3 or 1,4")
-    p.add_argument("--fold", type=int, help="query fold of the 5-fold protocol")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto picks CUDA when present")
-    p.add_argument("--precision", choices=PRECISIONS,
-                   help="autocast precision (auto: bf16 where the CPU or GPU has native bf16, else fp32)")
-    p.add_argument("--out", help="output folder")
+def _config_default(key: str, builtin: Optional[str] = None) -> str:
+    """``the config's <key>; built-in default: <value>`` for a flag's help (``builtin``: how to say the value)."""
+    section, name = key.split(".")
+    value = getattr(getattr(default_config(), section), name) if builtin is None else builtin
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    return f"the config's {key}; built-in default: {value}"
+
+
+def add_common_args(p: argparse.ArgumentParser, source: str = "config") -> None:
+    """The flags ``train`` and ``evaluate`` share. ``source``: where an absent flag's value comes from,
+    ``"config"`` (train: the layered config) or ``"checkpoint"`` (evaluate: the checkpoint's saved config)."""
+    if source == "config":
+        default = _config_default
+    else:
+        def default(key: str, builtin: Optional[str] = None) -> str:
+            return f"the checkpoint's {key}"
+    add_data_args(p, data=default("data.root", "the synthetic phantoms"),
+                  layout=default("data.layout") if source == "config" else
+                  "the checkpoint's data.layout; auto when --data is given")
+    p.add_argument("--shots", type=int, metavar="K",
+                   help="support scans per episode, k-shot (default: "
+                        + (f"{_config_default('protocol.shots')}; sets episodes.shots too" if source == "config"
+                           else default("protocol.shots")) + ")")
+    p.add_argument("--setting", type=int, choices=[1, 2],
+                   help="1: test classes may appear in training; 2: every training slice with any test class is "
+                        f"dropped (default: {default('protocol.setting')})")
+    p.add_argument("--test-classes", type=parse_classes, metavar="IDS",
+                   help=f"held-out classes, e.g. 2,3 or 1,4 (default: {default('protocol.test_classes')})")
+    p.add_argument("--fold", type=int, metavar="K",
+                   help=f"query fold of the 5-fold protocol (default: {default('protocol.fold')})")
+    p.add_argument("--protocol", choices=["alpnet", "adnet-ep1", "full-volume"],
+                   help=f"evaluation protocol (default: {default('protocol.name')})")
+    add_device_args(p, device=default("train.device") if source == "config" else "auto",
+                    precision=default("train.precision"),
+                    threads=default("train.threads", f"unset, {THREADS_DEFAULT}") if source == "config" else THREADS_DEFAULT,
+                    device_default=None if source == "config" else "auto")
+    add_progress_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fewshot_proto.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
-    p.add_argument("--config", help="experiment YAML stating what differs from the built-in default "
-                                    "(configs/experiments/*.yaml)")
+    """The ``train`` command line (every flag's help states its default; absent flags keep the config's value)."""
+    p = Parser(prog=prog_name("fewshot_proto.train", "fewshot-train"), description=__doc__)
+    add_common_args(p, "config")
+    p.add_argument("--out", metavar="DIR",
+                   help="run folder (default: the config's train.out, else a new runs/<dataset>/version_<N>)")
+    p.add_argument("--config", metavar="FILE",
+                   help="experiment YAML stating what differs from the built-in default, e.g. "
+                        "configs/experiments/chaos_t2_setting2_23_1shot.yaml (default: none, the built-in default)")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override any config key by its dotted path, e.g. --set train.lr=1e-3 data.size=128 "
-                        "(values are read as YAML; null clears a key)")
-    p.add_argument("--model", help="registered model name (see fewshot_proto.list_models())")
-    p.add_argument("--iters", type=int, help="training episodes (lifts the built-in default's 540 s cap unless a "
-                                             "cap is set by the config file, --max-seconds or --set)")
-    p.add_argument("--max-seconds", type=float,
-                   help="wall-time cap on training, 0 for none (the built-in default run stops at 1000 episodes or "
-                        "540 s)")
-    p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("--resume", help="checkpoint to continue from, bit for bit, in its own folder")
+                        "(values are read as YAML; null clears a key) (default: none)")
+    p.add_argument("--model", metavar="NAME",
+                   help="registered model name, see fewshot_proto.list_models() "
+                        f"(default: {_config_default('model.name')})")
+    p.add_argument("--iters", type=int, metavar="N",
+                   help="training episodes; lifts the built-in default's time cap unless a cap is set by the "
+                        f"config file, --max-seconds or --set (default: {_config_default('train.iters')})")
+    p.add_argument("--max-seconds", type=float, metavar="S",
+                   help="wall-time cap on training, 0 for none "
+                        f"(default: {_config_default('train.max_seconds')})")
+    p.add_argument("--seed", type=int, help=f"random seed (default: {_config_default('train.seed')})")
+    p.add_argument("--resume", metavar="CKPT",
+                   help="checkpoint to continue from, bit for bit, in its own folder (default: none, a new run)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the run in --out (only the files a run writes are removed)")
-    p.add_argument("--num-workers", type=int, help="DataLoader workers for episode sampling (0: a thread)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
-    p.add_argument("--protocol", choices=["alpnet", "adnet-ep1", "full-volume"], help="evaluation protocol")
-    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+                   help="replace the run in --out; only the files a run writes are removed (default: off)")
+    p.add_argument("--num-workers", type=int, metavar="N",
+                   help="DataLoader workers for episode sampling, 0: a thread "
+                        f"(default: {_config_default('train.num_workers')})")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the evaluation after training (default: evaluate the held-out classes)")
     return p
 
 
@@ -145,18 +181,19 @@ def format_config(cfg: ExperimentConfig) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; the user's errors (bad flags included) print one ``error: ...`` line and return 2."""
     rank, world = 0, 1
 
     def body() -> int:
         nonlocal rank, world
+        args = build_parser().parse_args(argv)
         cfg = config_from_args(args)
         rank, world = init_distributed(cfg.train.device)
         return run(cfg, resume=args.resume, overwrite=args.overwrite, evaluate_after=not args.no_eval,
                    progress=not args.no_progress, rank=rank, world_size=world)
 
     try:
-        return run_cli(body)
+        return run_main(body)
     finally:
         if world > 1:
             if dist.is_initialized():
@@ -220,13 +257,15 @@ def run(cfg: ExperimentConfig, *, resume: Optional[str] = None, overwrite: bool 
         out = Path(cfg.train.out) / "eval"
         summary = evaluate(result.model, dataset, specs, size=cfg.data.size, runtime=runtime, out_dir=out,
                            progress=progress,
-                           meta={"protocol": p.name, "setting": p.setting, "fold": p.fold, "shots": p.shots,
+                           meta={"model": cfg.model.name, "dataset": dataset.name, "protocol": p.name,
+                                 "setting": p.setting, "fold": p.fold, "shots": p.shots,
                                  "test_classes": list(p.test_classes), "checkpoint": str(result.checkpoint),
                                  "train_seconds": t_train, "iters": result.steps})
         print(f"\n{p.name} protocol, fold {p.fold}, Setting {p.setting}, {p.shots}-shot "
               f"(evaluated in {summary['timing']['seconds']:.0f} s):")
         print(format_dice_table(summary))
-        print(f"\nreports: {out}/metrics.json, metrics.csv, summary.md, overlays/")
+        log_evaluation(cfg.train.out, result.steps, summary, images=out / "gallery")  # TensorBoard, when installed
+        print(f"\nreports: {out}/report.html, metrics.json, metrics.csv, summary.md")
         return 0
     finally:
         if folder is not None:

@@ -18,6 +18,7 @@ from fewshot_proto.data.readers import (
     open_dataset,
     read_volume,
     write_prediction,
+    write_probability,
 )
 from fewshot_proto.data.superpixel import body_mask, superpixel_pseudolabel, superpixels
 from fewshot_proto.data.transforms import prepare_slices, resize_mask, resize_slice, to_channels
@@ -33,6 +34,7 @@ __all__ = [
     "detect_layout",
     "default_cache_dir",
     "write_prediction",
+    "write_probability",
     "read_volume",
     "build_slice_index",
     "slice_index_from_labels",

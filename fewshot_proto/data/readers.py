@@ -947,11 +947,6 @@ def write_prediction(pred_zhw: np.ndarray, like: Volume, out_path: PathLike) -> 
     Returns:
         the written path.
     """
-    import nibabel as nib
-
-    out = Path(out_path)
-    if not (out.name.endswith(".nii.gz") or out.name.endswith(".nii")):
-        raise ValueError(f"{out}: prediction files must end in .nii.gz or .nii")
     pred = np.asarray(pred_zhw)
     if pred.shape != like.image.shape:
         raise ValueError(f"prediction shape {pred.shape} != shape {like.image.shape} of scan {like.id!r}")
@@ -961,8 +956,27 @@ def write_prediction(pred_zhw: np.ndarray, like: Volume, out_path: PathLike) -> 
     if lo < 0 or hi > _INT16_MAX:
         raise ValueError(f"prediction labels for scan {like.id!r} must lie in 0..{_INT16_MAX}, got {lo}..{hi}")
     dtype = np.uint8 if hi <= 255 else np.int16
-    arr = np.ascontiguousarray(np.moveaxis(pred.astype(dtype), 0, like.slice_axis))
+    return _write_like(pred.astype(dtype), like, out_path, cal=(0, hi), intent="label")
 
+
+def write_probability(prob_zhw: np.ndarray, like: Volume, out_path: PathLike) -> Path:
+    """Write a probability map ``[Z, H, W]`` (values in [0, 1]) as float32 NIfTI on the grid of the scan ``like``
+    came from, as :func:`write_prediction` writes labels (``cal_min``/``cal_max`` 0 and 1, no intent)."""
+    prob = np.asarray(prob_zhw, dtype=np.float32)
+    if prob.shape != like.image.shape:
+        raise ValueError(f"probability shape {prob.shape} != shape {like.image.shape} of scan {like.id!r}")
+    return _write_like(prob, like, out_path, cal=(0.0, 1.0), intent="none")
+
+
+def _write_like(arr_zhw: np.ndarray, like: Volume, out_path: PathLike, *, cal, intent: str) -> Path:
+    """``arr_zhw`` with the slice axis moved back, ``like``'s affine and a copy of its header (the array's data
+    type, no scaling, ``cal``, ``intent``), written to a temporary file beside ``out_path`` and renamed."""
+    import nibabel as nib
+
+    out = Path(out_path)
+    if not (out.name.endswith(".nii.gz") or out.name.endswith(".nii")):
+        raise ValueError(f"{out}: prediction files must end in .nii.gz or .nii")
+    arr = np.ascontiguousarray(np.moveaxis(arr_zhw, 0, like.slice_axis))
     src = like.meta.get("header")
     if isinstance(src, nib.Nifti2Header):
         hdr, cls = src.copy(), nib.Nifti2Image
@@ -972,12 +986,11 @@ def write_prediction(pred_zhw: np.ndarray, like: Volume, out_path: PathLike) -> 
         hdr, cls = nib.Nifti1Header.from_header(src), nib.Nifti1Image
     else:
         hdr, cls = nib.Nifti1Header(), nib.Nifti1Image
-    hdr.set_data_dtype(dtype)
+    hdr.set_data_dtype(arr.dtype)
     hdr.set_slope_inter(1.0, 0.0)
-    hdr["cal_min"], hdr["cal_max"] = 0, hi
-    hdr.set_intent("label")
+    hdr["cal_min"], hdr["cal_max"] = cal
+    hdr.set_intent(intent)
     img = cls(arr, np.asarray(like.affine, dtype=np.float64), header=hdr)
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
     try:

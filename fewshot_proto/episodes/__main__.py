@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from fewshot_proto.cli import LAYOUTS, Parser, positive_int, prog_name, run_main
 from fewshot_proto.config import N_PART
 from fewshot_proto.data.readers import open_dataset
-from fewshot_proto.errors import ProtocolError, run_cli
+from fewshot_proto.errors import ProtocolError
 
 from .manifest import freeze, load_manifest, manifest_mismatches, save_manifest
 from .protocol import PROTOCOLS
@@ -118,41 +119,58 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fewshot_proto.episodes",
-                                description="Freeze, verify and list evaluation episode manifests.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    """The ``episodes`` command line (every flag's help states its default)."""
+    p = Parser(prog=prog_name("fewshot_proto.episodes", "fewshot-episodes"), description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{freeze,verify,list}")
 
     def data_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--data", default=None, help="dataset folder (default: the built-in phantoms)")
-        sp.add_argument("--layout", default="auto", choices=["auto", "alpnet", "msd"])
+        sp.add_argument("--data", default=None, metavar="DIR",
+                        help="dataset folder (default: the built-in synthetic phantoms)")
+        sp.add_argument("--layout", default="auto", choices=LAYOUTS, help="dataset layout (default: %(default)s)")
 
-    f = sub.add_parser("freeze", help="build the episodes of a protocol and write them to a manifest")
+    f = sub.add_parser("freeze", help="build the episodes of a protocol and write them to a manifest",
+                       description="Build the episodes of a protocol and write them to one manifest.", version=False)
     data_args(f)
-    f.add_argument("--protocol", default="alpnet", choices=PROTOCOLS.names())
-    f.add_argument("--folds", type=parse_int_list, default=None, help="e.g. 0-4 or 0,2 (default: all)")
-    f.add_argument("--n-folds", type=int, default=5)
-    f.add_argument("--setting", type=int, default=2, choices=[1, 2])
-    f.add_argument("--test-classes", type=parse_int_list, default=[2, 3], help="e.g. 2,3")
-    f.add_argument("--shots", type=int, default=1)
-    f.add_argument("--n-part", type=int, default=3)
-    f.add_argument("--out", default=None, help="output file (default: episodes/<generated name>.json)")
+    f.add_argument("--protocol", default="alpnet", choices=PROTOCOLS.names(), help="protocol (default: %(default)s)")
+    f.add_argument("--folds", type=parse_int_list, default=None,
+                   help="query folds, e.g. 0-4 or 0,2 (default: all --n-folds folds)")
+    f.add_argument("--n-folds", type=positive_int, default=5, metavar="N",
+                   help="folds the scans are cut into (default: %(default)s)")
+    f.add_argument("--setting", type=int, default=2, choices=[1, 2],
+                   help="1: test classes may appear in training; 2: every training slice with any test class is "
+                        "dropped (default: %(default)s)")
+    f.add_argument("--test-classes", type=parse_int_list, default=[2, 3], metavar="IDS",
+                   help="held-out classes, e.g. 2,3 or 1,4 (default: 2,3)")
+    f.add_argument("--shots", type=positive_int, default=1, metavar="K",
+                   help="support scans per episode, k-shot (default: %(default)s)")
+    f.add_argument("--n-part", type=positive_int, default=N_PART, metavar="N",
+                   help="support chunks per organ (default: %(default)s)")
+    f.add_argument("--out", default=None, metavar="FILE",
+                   help="manifest to write (default: episodes/<dataset>_<protocol>_setting<S>_<classes>_<k>shot.json)")
     f.set_defaults(func=_cmd_freeze)
 
-    v = sub.add_parser("verify", help="check a manifest against the data (exit 1 listing mismatches)")
-    v.add_argument("file")
+    v = sub.add_parser("verify", help="check a manifest against the data (exit 1 listing mismatches)",
+                       description="Check a manifest against the data: exit code 0 when it matches, 1 listing the "
+                                   "mismatches when it does not.", version=False)
+    v.add_argument("file", metavar="FILE", help="manifest to check (required)")
     data_args(v)
     v.set_defaults(func=_cmd_verify)
 
-    ls = sub.add_parser("list", help="list protocols and the manifests of a folder")
-    ls.add_argument("--dir", default=None, help="folder of manifests (default: ./episodes)")
+    ls = sub.add_parser("list", help="list protocols and the manifests of a folder",
+                        description="List the protocols and the manifests of a folder.", version=False)
+    ls.add_argument("--dir", default=None, metavar="DIR",
+                    help="folder of manifests (default: ./episodes, else the repository's episodes/)")
     ls.set_defaults(func=_cmd_list)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the exit status."""
-    args = build_parser().parse_args(None if argv is None else list(argv))
-    return run_cli(lambda: args.func(args))
+    """Entry point; returns the exit status (the user's errors, bad flags included: one ``error: ...`` line, 2)."""
+    def body() -> int:
+        args = build_parser().parse_args(None if argv is None else list(argv))
+        return args.func(args)
+
+    return run_main(body)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -138,7 +138,7 @@ def test_resume_refuses_changes_to_what_the_checkpoint_was_trained_on(tmp_path, 
         f"error: --resume {ck}: the config changes what the checkpoint was trained on: protocol.test_classes: "
         f"[2, 3] -> [1, 4]; train.lr: 0.0005 -> 0.001; only train.iters, train.max_seconds, train.ckpt_every, "
         f"train.log_every, train.num_workers, train.prefetch, train.threads, train.device, train.out, data.root, "
-        f"data.layout, data.cache_volumes may change on resume")
+        f"data.layout, data.cache_volumes, data.class_names may change on resume")
     assert load_checkpoint(ck)["step"] == 2
     # the run's length may change; the optimiser's learning rate is the saved config's
     rc, _, err = run_train(capsys, "--resume", ck, "--iters", "3", "--no-eval", "--no-progress")
