@@ -260,7 +260,8 @@ def build_html(doc: Mapping[str, Any], gallery: Sequence[Mapping[str, Any]], fol
     classes = list(doc.get("classes") or [])
     rows = list(doc.get("rows") or [])
     per_class = doc.get("per_class") or {}
-    title = f"Evaluation: {meta.get('model', '')} on {meta.get('dataset', '')}".strip()
+    model, data = meta.get("model"), meta.get("dataset")
+    title = "Evaluation" + (f": {model}" if model else "") + (f" on {data}" if data else "")
     out = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
            "<div id='broken'>Some images of this report failed to load.</div>",
@@ -270,8 +271,11 @@ def build_html(doc: Mapping[str, Any], gallery: Sequence[Mapping[str, Any]], fol
                    f"</td></tr>")
     out.append("</table>")
     convention = doc.get("surface_distance")
-    if convention:
-        out.append(f"<p>Surface distances: {_fmt(json.dumps(convention))}</p>")
+    if isinstance(convention, Mapping):
+        out.append("<p>Surface distances (" + _fmt(convention.get("units", "")) + "):</p><ul id='convention'>")
+        out += [f"<li><b>{html.escape(k)}</b>: {_fmt(convention[k])}</li>"
+                for k in ("hd95", "assd", "surface", "empty") if convention.get(k)]
+        out.append("</ul>")
     out.append("<h2>Per class</h2><table id='per-class'><tr><th>class</th><th>name</th><th>scans</th>"
                "<th title='scans where exactly one of prediction and truth is empty: no surface distance'>"
                "one mask empty</th>")
