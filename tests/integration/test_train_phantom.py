@@ -127,7 +127,9 @@ def test_cli_train_evaluate_predict(tmp_path, phantom_dataset, capsys):
     m = json.loads((out / "eval" / "metrics.json").read_text())
     assert {r["class_id"] for r in m["rows"]} == {2, 3}
     assert (out / "eval" / "metrics.csv").exists() and (out / "eval" / "summary.md").exists()
-    assert list((out / "eval" / "overlays").glob("*.png"))
+    gallery = json.loads((out / "eval" / "gallery" / "index.json").read_text())
+    assert gallery and all((out / "eval" / g["file"]).is_file() for g in gallery)
+    assert "reports: " + str(out / "eval") + "/report.html" in text and (out / "eval" / "report.html").is_file()
 
     rc = evaluate_cli.main(["--checkpoint", str(out / "checkpoint.pt"), "--protocol", "full-volume",
                             "--out", str(tmp_path / "ev"), "--no-progress", "--no-overlays"])
