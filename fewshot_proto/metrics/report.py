@@ -136,11 +136,13 @@ def read_metrics_json(path: PathLike) -> Dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- atomic files
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (tmp file in the same directory + ``os.replace``)."""
+    """Write ``data`` to ``path`` atomically (tmp file in the same directory + ``os.replace``), readable by all
+    (mode 0644, not ``mkstemp``'s 0600: reports are shared)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
+        os.chmod(tmp, 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -166,3 +166,12 @@ def test_report_without_gallery(tmp_path):
 def test_missing_metrics_json_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.json"):
         write_html_report(tmp_path)
+
+
+def test_reports_are_readable_by_everyone(tmp_path):
+    import stat
+
+    from fewshot_proto.metrics.report import atomic_write_text
+
+    path = atomic_write_text(tmp_path / "r.html", "<p>x</p>")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644 and path.read_text() == "<p>x</p>"
