@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+from PIL import Image
 
 __all__ = ["TrainLog", "log_evaluation", "open_tensorboard", "evaluation_scalars", "TENSORBOARD_DIR",
            "MAX_IMAGES"]
@@ -93,8 +94,6 @@ def _read_images(images: Optional[Images], limit: int) -> List[Tuple[str, np.nda
     folder = Path(images)
     if not folder.is_dir():
         return []
-    from PIL import Image
-
     out = []
     for path in sorted(folder.glob("*.png"))[:limit]:
         with Image.open(path) as im:
@@ -118,7 +117,7 @@ def log_evaluation(out_dir: Union[str, os.PathLike], step: int, summary: Mapping
     :class:`TrainLog` wrote the training curves to), at training step ``step``.
 
     Scalars: :func:`evaluation_scalars` (``eval/dice/<class id>_<name>``, ``eval/dice/mean``). Images: ``images``
-    as ``{name: [H, W, C] uint8 array}``, or a folder of PNG files (e.g. ``<run>/eval/overlays``, its first
+    as ``{name: [H, W, C] uint8 array}``, or a folder of PNG files (e.g. ``<run>/eval/gallery``, its first
     ``max_images`` in name order) -> ``eval/overlay/<name>``.
 
     Returns:
