@@ -3,9 +3,10 @@
 Two suite-wide rules live here (no torch import at collection time):
 
 * ``--require-optional`` (CI passes it): a test that skips because an optional package in
-  :data:`OPTIONAL_PACKAGES` (learn2learn, tensorboard, monai) cannot be imported fails instead, so CI cannot go
-  green with the MAML, TensorBoard or MONAI-agreement tests silently skipped. Tests keep calling ``pytest.importorskip("learn2learn")``; the report hooks below turn
-  that skip into a failure, whichever test or module raised it.
+  :data:`OPTIONAL_PACKAGES` (learn2learn, tensorboard, monai, submitit) cannot be imported fails instead, so CI
+  cannot go green with the MAML, TensorBoard, MONAI-agreement or grid-executor tests silently skipped. Tests
+  keep calling ``pytest.importorskip("learn2learn")``; the report hooks below turn that skip into a failure,
+  whichever test or module raised it.
 * a test that uses ``real_data_dir`` (directly or through another fixture) must be marked ``realdata``, so that
   ``-m "not realdata"`` deselects every test that reads ../shared/data; an unmarked one errors at set-up.
 """
@@ -23,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO_ROOT.parent / "shared" / "data"
 
 #: optional packages whose absence skips tests (``pytest.importorskip``), or fails them under --require-optional
-OPTIONAL_PACKAGES = ("learn2learn", "tensorboard", "monai")
+OPTIONAL_PACKAGES = ("learn2learn", "tensorboard", "monai", "submitit")
 REQUIRE_OPTIONAL = "--require-optional"
 _IMPORTORSKIP = re.compile(r"could not import '(?P<name>[\w.]+)': (?P<error>.*)", re.DOTALL)
 

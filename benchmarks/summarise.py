@@ -1,0 +1,282 @@
+"""Summarise a grid store (``benchmarks/grid.py``): a markdown table, a CSV, paired Wilcoxon tests and a
+label-efficiency plot, all regenerated from the store alone.
+
+    python benchmarks/summarise.py benchmarks/results/grid_chaos_t2_main.jsonl
+    python benchmarks/summarise.py benchmarks/results/grid_chaos_t2_main.jsonl --compare alpnet panet
+
+Outputs next to the store (same stem): ``.md``, ``.csv`` and ``_label_efficiency.png``.
+
+* Table: per method x test group x setting, the mean ± SAMPLE standard deviation (ddof 1; "–" with one run) over
+  the folds and seeds of each run's mean Dice (per organ: the run's mean over query scans; overall: the run's
+  mean Dice), in %, with the number of runs.
+* Paired comparison: Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, two-sided, ``zero_method="wilcox"``:
+  pairs with zero difference are dropped before ranking) on per-scan Dice over the (setting, fold, seed, query
+  scan, class) pairs present for both methods on the same test group. Default: every pair of few-shot methods
+  on each test group; ``--compare A B`` (repeatable) replaces that set.
+* Plot: one panel per test group x setting; supervised rows by labelled scans (``n_labelled``; mean ± sample
+  std over folds and seeds as error bars), few-shot methods as horizontal lines with a shaded ± std band.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grid import GridError, group_label, read_store  # noqa: E402
+
+DDOF = 1
+ALPHA = 0.05
+
+
+def mean_std(values: Sequence[float], ddof: int = DDOF) -> Tuple[float, float, int]:
+    """``(mean, std with ddof, n)``; NaN values are left out; std is NaN with fewer than ``ddof + 1`` values."""
+    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    if x.size == 0:
+        return float("nan"), float("nan"), 0
+    std = float(np.std(x, ddof=ddof)) if x.size > ddof else float("nan")
+    return float(np.mean(x)), std, int(x.size)
+
+
+def fmt_pct(mean: float, std: float) -> str:
+    """``0.6213, 0.034`` -> ``"62.1 ± 3.4"`` (``"–"`` for a NaN std, ``"n/a"`` for a NaN mean)."""
+    if math.isnan(mean):
+        return "n/a"
+    return f"{100 * mean:.1f} ± " + ("–" if math.isnan(std) else f"{100 * std:.1f}")
+
+
+def _key(rec: Dict[str, Any]) -> Tuple[str, str, int]:
+    return rec["method"], group_label(rec["test_group"]), int(rec["setting"])
+
+
+def latest(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One record per id (the last one written wins)."""
+    by_id: Dict[str, Dict[str, Any]] = {}
+    for r in records:
+        by_id[r["id"]] = r
+    return list(by_id.values())
+
+
+def aggregate(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per (method, test group, setting): run count and mean/std of per-run per-class and overall mean Dice."""
+    cells: Dict[Tuple[str, str, int], List[Dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        cells[_key(r)].append(r)
+    out = []
+    for (method, group, setting), recs in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        classes = sorted({int(c) for r in recs for c in r["per_class"]})
+        names = {}
+        for r in recs:
+            for c, v in r["per_class"].items():
+                names.setdefault(int(c), v.get("name") or str(c))
+        per_class = {c: mean_std([r["per_class"].get(str(c), {}).get("dice", float("nan")) for r in recs])
+                     for c in classes}
+        out.append({"method": method, "model": recs[0]["model"], "kind": recs[0]["kind"], "group": group,
+                    "setting": setting, "n_runs": len(recs), "classes": classes, "names": names,
+                    "per_class": per_class, "overall": mean_std([r["mean_dice"] for r in recs]),
+                    "n_labelled": sorted({r.get("n_labelled") for r in recs}, key=lambda v: (v is None, v or 0))})
+    return out
+
+
+def paired(records: List[Dict[str, Any]], a: str, b: str, group: str) -> Dict[str, Any]:
+    """Per-scan Dice of methods ``a`` and ``b`` on test group ``group`` over the (setting, fold, seed, scan, class)
+    keys both have, and the two-sided Wilcoxon signed-rank test on them."""
+    from scipy.stats import wilcoxon
+
+    def scans(method: str) -> Dict[Tuple, float]:
+        out = {}
+        for r in records:
+            if r["method"] == method and group_label(r["test_group"]) == group:
+                for row in r["rows"]:
+                    if row["dice"] is not None and not math.isnan(row["dice"]):
+                        out[(int(r["setting"]), int(r["fold"]), int(r["seed"]), str(row["scan"]),
+                             int(row["class"]))] = float(row["dice"])
+        return out
+
+    sa, sb = scans(a), scans(b)
+    keys = sorted(set(sa) & set(sb))
+    x = np.array([sa[k] for k in keys])
+    y = np.array([sb[k] for k in keys])
+    res: Dict[str, Any] = {"a": a, "b": b, "group": group, "n_pairs": len(keys), "p": float("nan"),
+                           "mean_diff": float(np.mean(x - y)) if keys else float("nan"), "note": ""}
+    if not keys:
+        res["note"] = "no common pairs"
+    elif not np.any(x != y):
+        res["note"] = "all differences are zero"
+    else:
+        res["p"] = float(wilcoxon(x, y, zero_method="wilcox", alternative="two-sided").pvalue)
+    return res
+
+
+def verdict(p: float, note: str = "") -> str:
+    if math.isnan(p):
+        return f"no test ({note})" if note else "no test"
+    return f"significant at {ALPHA}" if p < ALPHA else f"not significant at {ALPHA}"
+
+
+def default_comparisons(records: List[Dict[str, Any]]) -> List[Tuple[str, str, str]]:
+    """Every pair of few-shot methods on each test group (grid order of first appearance)."""
+    by_group: Dict[str, List[str]] = defaultdict(list)
+    for r in records:
+        g = group_label(r["test_group"])
+        if r["kind"] == "fewshot" and r["method"] not in by_group[g]:
+            by_group[g].append(r["method"])
+    return [(a, b, g) for g, ms in by_group.items() for a, b in itertools.combinations(ms, 2)]
+
+
+def markdown(name: str, cells: List[Dict[str, Any]], tests: List[Dict[str, Any]], source: str) -> str:
+    lines = [f"# Grid {name}", "", f"From `{source}` (`python benchmarks/summarise.py {source}`).", ""]
+    for (group, setting), rows in itertools.groupby(cells, key=lambda c: (c["group"], c["setting"])):
+        rows = list(rows)
+        classes = sorted({c for r in rows for c in r["classes"]})
+        names = {c: r["names"][c] for r in rows for c in r["classes"]}
+        lines += [f"## Test group {group}, setting {setting}", "",
+                  "Dice (%), mean ± sample std (ddof 1) over folds and seeds of each run's mean Dice; runs = folds x "
+                  "seeds finished.", "",
+                  "| method | model | kind | runs | " + " | ".join(f"{names[c]} ({c})" for c in classes)
+                  + " | mean |",
+                  "|---|---|---|---:|" + "---:|" * (len(classes) + 1)]
+        for r in rows:
+            labelled = ", ".join("all" if v is None else str(v) for v in r["n_labelled"])
+            label = r["method"] + ("" if r["kind"] == "fewshot" else f" (n_labelled {labelled})")
+            vals = [fmt_pct(*r["per_class"][c][:2]) if c in r["per_class"] else "" for c in classes]
+            lines.append(f"| {label} | {r['model']} | {r['kind']} | {r['n_runs']} | " + " | ".join(vals)
+                         + f" | {fmt_pct(*r['overall'][:2])} |")
+        lines.append("")
+    if tests:
+        lines += ["## Paired comparisons", "",
+                  "Wilcoxon signed-rank test, two-sided (`scipy.stats.wilcoxon`, zero_method `wilcox`: zero "
+                  "differences are dropped), on per-scan Dice over the (setting, fold, seed, query scan, class) pairs "
+                  "both methods have. Mean difference = A - B, in Dice points (%).", "",
+                  "| test group | A | B | pairs | mean diff (%) | p | at 0.05 |", "|---|---|---|---:|---:|---:|---|"]
+        for t in tests:
+            p = "n/a" if math.isnan(t["p"]) else f"{t['p']:.4g}"
+            d = "n/a" if math.isnan(t["mean_diff"]) else f"{100 * t['mean_diff']:+.1f}"
+            lines.append(f"| {t['group']} | {t['a']} | {t['b']} | {t['n_pairs']} | {d} | {p} | "
+                         f"{verdict(t['p'], t['note'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, cells: List[Dict[str, Any]], tests: List[Dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "model", "kind", "test_group", "setting", "class_id", "class_name", "n_runs",
+                    "dice_mean", "dice_std_ddof1"])
+        for r in cells:
+            for c in r["classes"]:
+                m, s, n = r["per_class"][c]
+                w.writerow([r["method"], r["model"], r["kind"], r["group"], r["setting"], c, r["names"][c], n,
+                            m, s])
+            m, s, n = r["overall"]
+            w.writerow([r["method"], r["model"], r["kind"], r["group"], r["setting"], "mean", "", n, m, s])
+        if tests:
+            w.writerow([])
+            w.writerow(["comparison_a", "comparison_b", "test_group", "n_pairs", "mean_diff", "p_wilcoxon", "verdict"])
+            for t in tests:
+                w.writerow([t["a"], t["b"], t["group"], t["n_pairs"], t["mean_diff"], t["p"],
+                            verdict(t["p"], t["note"])])
+
+
+def plot(path: Path, records: List[Dict[str, Any]], name: str) -> Optional[Path]:
+    """The label-efficiency figure; ``None`` (nothing written) when the store has no records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(group_label(r["test_group"]), int(r["setting"])) for r in records})
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (group, setting) in zip(axes[0], panels):
+        recs = [r for r in records if group_label(r["test_group"]) == group and int(r["setting"]) == setting]
+        sup: Dict[str, Dict[int, List[float]]] = defaultdict(lambda: defaultdict(list))
+        for r in recs:
+            if r["kind"] == "supervised" and r.get("n_labelled") is not None:
+                sup[r["model"]][int(r["n_labelled"])].append(r["mean_dice"])
+        xs_all = sorted({n for d in sup.values() for n in d}) or [1, 2]
+        for model, d in sorted(sup.items()):
+            xs = sorted(d)
+            stats = [mean_std(d[x]) for x in xs]
+            ax.errorbar(xs, [100 * s[0] for s in stats], yerr=[0 if math.isnan(s[1]) else 100 * s[1] for s in stats],
+                        marker="o", capsize=3, label=f"{model} (supervised)")
+        few: Dict[str, List[float]] = defaultdict(list)
+        for r in recs:
+            if r["kind"] == "fewshot":
+                few[r["method"]].append(r["mean_dice"])
+        lo, hi = min(xs_all), max(xs_all)
+        for i, (method, vals) in enumerate(sorted(few.items())):
+            m, s, n = mean_std(vals)
+            color = f"C{(len(sup) + i) % 10}"
+            ax.hlines(100 * m, lo, hi, colors=color, linestyles="--", label=f"{method} (few-shot, {n} runs)")
+            if not math.isnan(s):
+                ax.fill_between([lo, hi], 100 * (m - s), 100 * (m + s), color=color, alpha=0.15)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs_all)
+        ax.set_xticklabels([str(x) for x in xs_all])
+        ax.set_xlabel("labelled training scans")
+        ax.set_ylabel("mean Dice (%)")
+        ax.set_title(f"{name}: test group {group}, setting {setting}", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle("mean ± sample std over folds and seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summarise(store: str | Path, compare: Sequence[Tuple[str, str]] = (), out_stem: Optional[Path] = None,
+              plots: bool = True) -> Dict[str, Any]:
+    store = Path(store)
+    if not store.exists():
+        raise GridError(f"store {store} does not exist")
+    records = latest(read_store(store))
+    if not records:
+        raise GridError(f"store {store} holds no records")
+    name = records[0].get("grid") or store.stem.removeprefix("grid_")
+    cells = aggregate(records)
+    groups = list(dict.fromkeys(group_label(r["test_group"]) for r in records))
+    methods = {r["method"] for r in records}
+    for a, b in compare:
+        for m in (a, b):
+            if m not in methods:
+                raise GridError(f"--compare: method {m!r} is not in {store} (methods: {', '.join(sorted(methods))})")
+    pairs = [(a, b, g) for a, b in compare for g in groups] if compare else default_comparisons(records)
+    tests = [paired(records, a, b, g) for a, b, g in pairs]
+    stem = out_stem or store.with_suffix("")
+    md_path, csv_path = stem.with_suffix(".md"), stem.with_suffix(".csv")
+    md_path.write_text(markdown(name, cells, tests, str(store)))
+    write_csv(csv_path, cells, tests)
+    png = plot(Path(f"{stem}_label_efficiency.png"), records, name) if plots else None
+    return {"cells": cells, "tests": tests, "md": md_path, "csv": csv_path, "png": png}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("store", help="grid results store (.jsonl)")
+    ap.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
+                    help="paired Wilcoxon test between methods A and B on every test group (repeatable; replaces "
+                         "the default: every pair of few-shot methods)")
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        out = summarise(args.store, [tuple(c) for c in args.compare], plots=not args.no_plot)
+    except GridError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out["md"].read_text())
+    print(f"wrote {out['md']}, {out['csv']}" + (f", {out['png']}" if out["png"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""``benchmarks/grid.py`` run ids and ``benchmarks/summarise.py`` statistics, on hand-written inputs (no training).
+
+The run id is a hash of the resolved config without the keys that only say where files go or how the machine
+computes; the summariser's mean ± sample std, Wilcoxon p-value, pair count and markdown cells are checked against
+values computed by hand (or by ``scipy.stats.wilcoxon`` on the same hand-listed pairs)."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fewshot_proto.config import apply_overrides, config_to_dict, default_config
+
+BENCH = Path(__file__).resolve().parents[3] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def grid():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("grid")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def summ(grid):
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("summarise")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+# ----------------------------------------------------------------------------------------------------- run id
+def test_id_is_a_short_hash_of_the_canonical_config_without_the_ignored_keys(grid):
+    cfg = default_config()
+    d = config_to_dict(cfg)
+    for section, leaf in (("train", "out"), ("train", "num_workers"), ("train", "prefetch"), ("train", "threads"),
+                          ("train", "device"), ("data", "root"), ("data", "cache_volumes")):
+        del d[section][leaf]
+    expected = hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+    assert grid.run_id(cfg) == expected
+    assert len(expected) == 12 and int(expected, 16) >= 0
+
+
+def test_key_order_and_ignored_keys_do_not_change_the_id(grid):
+    cfg = default_config()
+    rid = grid.run_id(cfg)
+    reordered = {s: dict(reversed(list(v.items()))) for s, v in reversed(list(config_to_dict(cfg).items()))}
+    assert list(reordered) != list(config_to_dict(cfg))
+    assert grid.run_id(reordered) == rid
+    moved = apply_overrides(cfg, {"train.out": "/elsewhere/run", "train.num_workers": 3, "train.prefetch": 7,
+                                  "train.threads": 2, "train.device": "cpu", "data.root": "/some/data",
+                                  "data.cache_volumes": 2})
+    assert grid.run_id(moved) == rid
+    with_progress = dict(config_to_dict(cfg), progress=True)
+    assert grid.run_id(with_progress) == rid
+
+
+@pytest.mark.parametrize("key,value", [
+    ("train.seed", 1), ("protocol.fold", 1), ("protocol.test_classes", [1, 4]), ("protocol.setting", 1),
+    ("train.lr", 1e-3), ("train.max_seconds", 600.0), ("train.iters", 2), ("data.size", 64),
+    ("model.name", "alpnet"), ("model.kwargs", {"tau": 0.25}), ("supervised.n_labelled", 2),
+    ("train.precision", "fp32"), ("episodes.shots", 5), ("data.layout", "alpnet"),
+])
+def test_a_result_changing_key_changes_the_id(grid, key, value):
+    cfg = default_config()
+    assert grid.run_id(apply_overrides(cfg, {key: value})) != grid.run_id(cfg)
+
+
+def test_the_phantom_spec_is_part_of_the_id(grid):
+    cfg = default_config()
+    assert grid.run_id(cfg, {"phantoms": {"n_scans": 10, "size": 64, "seed": 0}}) != grid.run_id(cfg)
+    assert (grid.run_id(cfg, {"phantoms": {"n_scans": 10, "size": 64, "seed": 0}})
+            != grid.run_id(cfg, {"phantoms": {"n_scans": 10, "size": 128, "seed": 0}}))
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+GRID = """name: t
+data: {root: data_here, layout: alpnet}
+set: {train.num_workers: 0}
+methods:
+  - {name: a, model: panet}
+  - {name: b, model: alpnet, set: {train.lambda_cyc: 0.0}}
+  - {name: u1, model: unet, set: {supervised.n_labelled: 1}, budget_seconds: 30}
+test_groups: [[2, 3], [1, 4]]
+folds: [0, 1]
+seeds: [0, 5]
+settings: [2]
+budget_seconds: 10
+size: 64
+iters: 100
+"""
+
+
+def test_a_grid_expands_to_stable_distinct_runs(grid, tmp_path):
+    g = grid.load_grid(_write(tmp_path / "g.yaml", GRID))
+    assert len(g.runs) == 3 * 2 * 2 * 2 and len({r.id for r in g.runs}) == 24
+    r = [r for r in g.runs if r.method == "b" and r.group == [1, 4] and r.fold == 1 and r.seed == 5][0]
+    assert (r.cfg.model.name, r.cfg.protocol.test_classes, r.cfg.protocol.fold, r.cfg.train.seed) == (
+        "alpnet", [1, 4], 1, 5)
+    assert (r.cfg.train.max_seconds, r.cfg.train.iters, r.cfg.data.size, r.cfg.train.lambda_cyc) == (10.0, 100, 64, 0.0)
+    assert r.cfg.data.root == str(tmp_path / "data_here") and r.kind == "fewshot"
+    assert [x.cfg.train.max_seconds for x in g.runs if x.method == "u1"] == [30.0] * 8
+    # the same grid with its data elsewhere and its runs written by more workers: the same ids
+    moved = GRID.replace("data_here", "/other/place").replace("train.num_workers: 0", "train.num_workers: 4")
+    assert [x.id for x in grid.load_grid(_write(tmp_path / "h.yaml", moved)).runs] == [x.id for x in g.runs]
+    assert grid.select(g.runs, grid.parse_filters(["method=a,b", "group=1+4", "fold=0"])) == [
+        x for x in g.runs if x.method in ("a", "b") and x.group == [1, 4] and x.fold == 0]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (("budget_seconds: 10\n", ""), "missing key(s) ['budget_seconds']"),
+    (("size: 64", "sise: 64"), "unknown key(s) ['sise']"),
+    (("model: panet}", "model: panet, budget_seconds: 5}"), "few-shot methods share the grid's budget_seconds"),
+    (("model: panet}", "model: nope}"), "methods[0].model: unknown model 'nope'"),
+    (("folds: [0, 1]", "folds: [zero]"), "folds: expected a non-empty list of integers"),
+    (("{train.lambda_cyc: 0.0}", "{train.lamda_cyc: 0.0}"), "methods[1].set"),
+])
+def test_grid_errors_are_one_line_naming_the_file(grid, tmp_path, edit, message):
+    path = _write(tmp_path / "bad.yaml", GRID.replace(*edit))
+    with pytest.raises(grid.GridError) as e:
+        grid.load_grid(path)
+    assert message in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_filters_reject_unknown_keys(grid):
+    with pytest.raises(grid.GridError, match="--only 'methd=a'"):
+        grid.parse_filters(["methd=a"])
+    assert grid.parse_filters(["fold=0,1", "fold=3"]) == {"fold": {"0", "1", "3"}}
+
+
+# ------------------------------------------------------------------------------------------------ summariser
+def _rec(rid, method, kind, fold, dice2, dice3, mean, rows, model=None, n_labelled=None):
+    return {"id": rid, "grid": "hand", "method": method, "model": model or method, "kind": kind,
+            "test_group": [2, 3], "fold": fold, "seed": 0, "setting": 2, "n_labelled": n_labelled,
+            "mean_dice": mean, "per_class": {"2": {"name": "rk", "dice": dice2}, "3": {"name": "lk", "dice": dice3}},
+            "rows": [{"scan": s, "class": c, "dice": d, "hd95": 1.0, "assd": 1.0} for s, c, d in rows]}
+
+
+# per-scan Dice of methods A and B; B has no row for scan "s2" class 3 in fold 2 (so 11 common pairs, not 12),
+# and one pair (fold 0, s1, class 2) has a zero difference
+A_ROWS = {0: [("s1", 2, 0.40), ("s1", 3, 0.61), ("s2", 2, 0.42), ("s2", 3, 0.63)],
+          1: [("s1", 2, 0.50), ("s1", 3, 0.72), ("s2", 2, 0.51), ("s2", 3, 0.74)],
+          2: [("s1", 2, 0.60), ("s1", 3, 0.83), ("s2", 2, 0.62), ("s2", 3, 0.81)]}
+B_ROWS = {0: [("s1", 2, 0.40), ("s1", 3, 0.20), ("s2", 2, 0.35), ("s2", 3, 0.25)],
+          1: [("s1", 2, 0.45), ("s1", 3, 0.30), ("s2", 2, 0.60), ("s2", 3, 0.44)],
+          2: [("s1", 2, 0.90), ("s1", 3, 0.88), ("s2", 2, 0.86)]}
+
+
+@pytest.fixture
+def store(tmp_path):
+    recs = []
+    for f, (d2, d3, m) in enumerate([(0.4, 0.6, 0.5), (0.5, 0.7, 0.6), (0.6, 0.8, 0.7)]):
+        recs.append(_rec(f"a{f}", "A", "fewshot", f, d2, d3, m, A_ROWS[f]))
+    for f, (d2, d3, m) in enumerate([(0.1, 0.3, 0.2), (0.3, 0.5, 0.4), (0.8, 1.0, 0.9)]):
+        recs.append(_rec(f"b{f}", "B", "fewshot", f, d2, d3, m, B_ROWS[f]))
+    recs.append(_rec("u1", "unet_n1", "supervised", 0, 0.2, 0.3, 0.25, [], model="unet", n_labelled=1))
+    recs.append(_rec("u2", "unet_n2", "supervised", 0, 0.3, 0.5, 0.4, [], model="unet", n_labelled=2))
+    recs.append(_rec("u2", "unet_n2", "supervised", 0, 0.3, 0.5, 0.45, [], model="unet", n_labelled=2))  # rewrite
+    p = tmp_path / "grid_hand.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return p
+
+
+def test_mean_and_sample_std(summ):
+    m, s, n = summ.mean_std([0.2, 0.4, 0.9])
+    assert (m, n) == (pytest.approx(0.5, abs=1e-15), 3)
+    assert s == pytest.approx(math.sqrt((0.09 + 0.01 + 0.16) / 2), abs=1e-15)  # ddof 1
+    assert math.isnan(summ.mean_std([0.3])[1]) and summ.mean_std([float("nan"), 0.3])[2] == 1
+    assert summ.fmt_pct(0.5, 0.36055512) == "50.0 ± 36.1" and summ.fmt_pct(0.45, float("nan")) == "45.0 ± –"
+
+
+def test_summary_statistics_and_tables(summ, store):
+    out = summ.summarise(store)
+    cells = {c["method"]: c for c in out["cells"]}
+    assert [cells[k]["n_runs"] for k in ("A", "B", "unet_n1", "unet_n2")] == [3, 3, 1, 1]
+    assert cells["unet_n2"]["overall"][0] == 0.45  # the later line of an id wins
+    a_mean, a_std, _ = cells["A"]["overall"]
+    assert a_mean == pytest.approx(0.6, abs=1e-15) and a_std == pytest.approx(0.1, abs=1e-15)
+
+    x = [d for f in (0, 1, 2) for (s, c, d) in A_ROWS[f] if (f, s, c) != (2, "s2", 3)]
+    y = [d for f in (0, 1, 2) for (s, c, d) in B_ROWS[f]]
+    from scipy.stats import wilcoxon
+    expected = wilcoxon(x, y, zero_method="wilcox", alternative="two-sided").pvalue
+    (t,) = out["tests"]
+    assert (t["a"], t["b"], t["group"], t["n_pairs"]) == ("A", "B", "2+3", 11)
+    assert t["p"] == expected
+    assert t["mean_diff"] == pytest.approx(float(np.mean(np.subtract(x, y))), abs=1e-15)
+
+    md = out["md"].read_text()
+    assert "mean ± sample std (ddof 1)" in md and "zero differences are dropped" in md
+    assert "| A | A | fewshot | 3 | 50.0 ± 10.0 | 70.0 ± 10.0 | 60.0 ± 10.0 |" in md
+    assert "| B | B | fewshot | 3 | 40.0 ± 36.1 | 60.0 ± 36.1 | 50.0 ± 36.1 |" in md
+    assert "| unet_n2 (n_labelled 2) | unet | supervised | 1 | 30.0 ± – | 50.0 ± – | 45.0 ± – |" in md
+    verdict = "not significant at 0.05" if expected >= 0.05 else "significant at 0.05"
+    assert f"| 2+3 | A | B | 11 | {100 * t['mean_diff']:+.1f} | {expected:.4g} | {verdict} |" in md
+
+    with open(out["csv"], newline="") as f:
+        rows = [r for r in csv.reader(f)]
+    assert ["A", "A", "fewshot", "2+3", "2", "mean", "", "3", repr(a_mean), repr(a_std)] in rows
+    assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_picks_the_pairs_and_says_not_significant(summ, store):
+    out = summ.summarise(store, compare=[("A", "unet_n1")], plots=False)
+    (t,) = out["tests"]
+    assert (t["n_pairs"], t["note"]) == (0, "no common pairs") and math.isnan(t["p"])
+    assert summ.verdict(0.2) == "not significant at 0.05" and summ.verdict(0.01) == "significant at 0.05"
+    with pytest.raises(summ.GridError, match="method 'C' is not in"):
+        summ.summarise(store, compare=[("A", "C")], plots=False)
+
+
+def test_summarise_tolerates_a_truncated_last_line(summ, store):
+    store.write_text(store.read_text() + '{"id": "half", "meth')
+    with pytest.warns(UserWarning, match="truncated last line"):
+        out = summ.summarise(store, plots=False)
+    assert len(out["cells"]) == 4
+
+
+def test_the_committed_grids_expand(grid):
+    main = grid.load_grid(BENCH / "grids" / "chaos_t2_main.yaml", write_phantoms=False)
+    assert len(main.runs) == 4 * 2 * 5 and {r.method for r in main.runs} == {
+        "cwpa_unet", "cwpa_unet_matcher", "alpnet", "panet"}
+    t = main.runs[0].cfg.train
+    assert (t.optimizer, t.scheduler, t.warmup_iters, t.lambda_dice, t.max_seconds, t.precision) == (
+        "sgd", "step", 0, 0.0, 600.0, "bf16")
+    assert {r.cfg.protocol.setting for r in main.runs} == {2} and main.runs[0].cfg.data.root.endswith("chaos_t2")
+    tiny = grid.load_grid(BENCH / "grids" / "phantom_tiny.yaml", write_phantoms=False)
+    assert [(r.method, r.cfg.train.iters, r.cfg.data.size) for r in tiny.runs] == [("panet", 2, 64), ("alpnet", 2, 64)]
