@@ -187,13 +187,15 @@ def write_csv(path: Path, cells: List[Dict[str, Any]], tests: List[Dict[str, Any
 
 
 def plot(path: Path, records: List[Dict[str, Any]], name: str) -> Optional[Path]:
-    """The label-efficiency figure; ``None`` (nothing written) when the store has no records."""
+    """The label-efficiency figure; ``None`` (nothing written) when the store has no supervised record (a figure of
+    few-shot lines over an invented x axis would say nothing)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(group_label(r["test_group"]), int(r["setting"])) for r in records})
+    panels = sorted({(group_label(r["test_group"]), int(r["setting"])) for r in records
+                     if r["kind"] == "supervised" and r.get("n_labelled") is not None})
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
@@ -203,7 +205,7 @@ def plot(path: Path, records: List[Dict[str, Any]], name: str) -> Optional[Path]
         for r in recs:
             if r["kind"] == "supervised" and r.get("n_labelled") is not None:
                 sup[r["model"]][int(r["n_labelled"])].append(r["mean_dice"])
-        xs_all = sorted({n for d in sup.values() for n in d}) or [1, 2]
+        xs_all = sorted({n for d in sup.values() for n in d})
         for model, d in sorted(sup.items()):
             xs = sorted(d)
             stats = [mean_std(d[x]) for x in xs]

@@ -240,3 +240,12 @@ def test_the_committed_grids_expand(grid):
     assert {r.cfg.protocol.setting for r in main.runs} == {2} and main.runs[0].cfg.data.root.endswith("chaos_t2")
     tiny = grid.load_grid(BENCH / "grids" / "phantom_tiny.yaml", write_phantoms=False)
     assert [(r.method, r.cfg.train.iters, r.cfg.data.size) for r in tiny.runs] == [("panet", 2, 64), ("alpnet", 2, 64)]
+
+
+def test_no_label_efficiency_plot_without_supervised_rows(summ, store, tmp_path):
+    few = tmp_path / "grid_few.jsonl"
+    few.write_text("".join(line + "\n" for line in store.read_text().splitlines()
+                           if json.loads(line)["kind"] == "fewshot"))
+    out = summ.summarise(few)
+    assert out["png"] is None and not (tmp_path / "grid_few_label_efficiency.png").exists()
+    assert out["md"].is_file()
