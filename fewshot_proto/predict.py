@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -37,7 +36,7 @@ from fewshot_proto.engine.predictor import predict_queries
 from fewshot_proto.engine.runtime import Runtime, resolve_device
 from fewshot_proto.errors import ConfigError, DataError
 from fewshot_proto.train import parse_classes
-from fewshot_proto.types import Volume
+from fewshot_proto.types import Volume, natural_key
 
 #: largest class id a prediction file can hold (``write_prediction`` writes int16 labels)
 MAX_CLASS_ID = 32767
@@ -148,12 +147,6 @@ def check_paths(out: str, inputs: Sequence[Tuple[str, str]], checkpoint: Optiona
         raise ConfigError(f"--out {out}: prediction files must end in {' or '.join(OUT_SUFFIXES)}")
     _writable_ancestor(out, out_path.absolute().parent)
     return out_path
-
-
-def natural_key(name: str) -> Tuple:
-    """Sort key that orders numbers in names by value (``image_2`` before ``image_10``), then by the name."""
-    parts = re.split(r"(\d+)", name)
-    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in parts) + ((1, 0, name),)
 
 
 def nifti_stem(path: Path) -> str:
