@@ -52,6 +52,8 @@ class CWPAUNet(FewShotSegmenter):
         num_classes: K output channels (2: background, foreground).
         use_background: also use background local prototypes.
         in_channels: image channels (3: grey tiled to RGB).
+        bag: ``"local"`` (DESIGN.md section 3: the support's F5 cells above ``tau``) or ``"masked_average"`` (one
+            masked-average prototype, PANet's; an ablation of the local prototypes).
 
     ``prototypes`` returns the CWPA bag ``[N_pro, D]`` of local foreground prototypes (F5 vectors).
     """
@@ -65,6 +67,7 @@ class CWPAUNet(FewShotSegmenter):
         num_classes: int = 2,
         use_background: bool = False,
         in_channels: int = 3,
+        bag: str = "local",
     ) -> None:
         super().__init__()
         self.encoder = build_encoder(encoder, in_channels=in_channels, weights=weights, dilate_last=True)
@@ -74,7 +77,7 @@ class CWPAUNet(FewShotSegmenter):
                 f"{type(self).__name__}: encoder {encoder!r} must return its last two feature maps at the same "
                 f"resolution (reductions {red})"
             )
-        self.cwpa = CWPA(tau=tau, temperature=temperature, use_background=use_background)
+        self.cwpa = CWPA(tau=tau, temperature=temperature, use_background=use_background, bag=bag)
         d = self.encoder.out_channels[-1]
         self.decoder = UNetDecoder(self.encoder.out_channels, in_channels=2 * d, num_classes=num_classes)
 

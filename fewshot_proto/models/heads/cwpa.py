@@ -6,7 +6,8 @@ Three separate steps, so evaluation can compute the prototypes of a support once
    grid; every cell whose foreground fraction exceeds ``tau`` contributes its feature vector as a prototype.
    k-shot: all S support slices go into one bag. If no cell passes anywhere in the bag (small organs), the bag is
    the single masked average of the features upsampled to the mask size, so ``N_pro >= 1`` and nothing is NaN
-   (an all-zero mask gives the zero vector).
+   (an all-zero mask gives the zero vector). ``bag="masked_average"`` (an ablation: PANet's one prototype
+   instead of local ones) always uses that single masked average, so ``P_agg`` is the same vector everywhere.
 2. ``correlation(feat_q, P)`` -> ``C[Q, N_pro, h, w]``: cosine similarity of mean-centred query vectors and
    mean-centred prototypes (centred over D: a Pearson correlation), computed in float32.
 3. ``aggregate(C, P, temperature)`` -> ``P_agg[Q, D, h, w] = sum_j softmax_j(C / t)_j * P_j`` with the original
@@ -23,7 +24,10 @@ from torch import nn
 from fewshot_proto.models.checks import check_feat_mask
 from fewshot_proto.models.heads.pooling import masked_average_pool
 
-__all__ = ["local_prototypes", "bag_prototypes", "correlation", "aggregate", "enhance", "CWPA"]
+__all__ = ["local_prototypes", "bag_prototypes", "correlation", "aggregate", "enhance", "CWPA", "BAGS"]
+
+#: values of ``CWPA(bag=...)``: local prototypes (DESIGN.md section 3) or one masked average (ablation)
+BAGS = ("local", "masked_average")
 
 
 def local_prototypes(
@@ -57,14 +61,28 @@ def bag_prototypes(
     tau: float = 0.5,
     *,
     use_background: bool = False,
+    bag: str = "local",
     eps: float = 1e-5,
 ) -> torch.Tensor:
-    """Foreground local prototypes, followed by background ones (from ``1 - mask``) when ``use_background``."""
-    fg = local_prototypes(feat, mask, tau, eps=eps)
+    """Foreground prototypes, followed by background ones (from ``1 - mask``) when ``use_background``.
+
+    ``bag="local"``: :func:`local_prototypes` (``[N_pro, D]``); ``bag="masked_average"``: the single masked average
+    of the features upsampled to the mask size (``[1, D]``, and ``[2, D]`` with the background one).
+    """
+    if bag == "local":
+        def pool(m: torch.Tensor) -> torch.Tensor:
+            return local_prototypes(feat, m, tau, eps=eps)
+    elif bag == "masked_average":
+        check_feat_mask(feat, mask, "bag_prototypes")
+
+        def pool(m: torch.Tensor) -> torch.Tensor:
+            return masked_average_pool(feat, m, eps=eps, pool_batch=True).unsqueeze(0)
+    else:
+        raise ValueError(f"bag_prototypes: bag must be one of {', '.join(BAGS)}, got {bag!r}")
+    fg = pool(mask)
     if not use_background:
         return fg
-    bg = local_prototypes(feat, 1.0 - mask.float(), tau, eps=eps)
-    return torch.cat([fg, bg], dim=0)
+    return torch.cat([fg, pool(1.0 - mask.float())], dim=0)
 
 
 def correlation(query_feat: torch.Tensor, prototypes: torch.Tensor, *, eps: float = 1e-8) -> torch.Tensor:
@@ -118,15 +136,21 @@ class CWPA(nn.Module):
         tau: cell threshold for local prototypes.
         temperature: softmax temperature of the aggregation.
         use_background: also put background local prototypes (cells of ``1 - mask`` above ``tau``) in the bag.
+        bag: ``"local"`` (DESIGN.md section 3) or ``"masked_average"`` (one masked-average prototype: the
+            ablation that removes the local prototypes; ``tau`` is then unused).
         eps: numerical guard of the fallback masked average.
 
     ``prototypes(feat_s, mask_s) -> [N_pro, D]``; ``forward(feat_q, prototypes) -> [Q, 2D, h, w]``.
     """
 
     def __init__(
-        self, tau: float = 0.5, temperature: float = 0.1, use_background: bool = False, eps: float = 1e-5
+        self, tau: float = 0.5, temperature: float = 0.1, use_background: bool = False, bag: str = "local",
+        eps: float = 1e-5,
     ) -> None:
         super().__init__()
+        if bag not in BAGS:
+            raise ValueError(f"CWPA: bag must be one of {', '.join(BAGS)}, got {bag!r}")
+        self.bag = bag
         if not 0.0 <= tau < 1.0:
             raise ValueError(f"CWPA: tau must be in [0, 1), got {tau}")
         if temperature <= 0:
@@ -139,7 +163,7 @@ class CWPA(nn.Module):
     def prototypes(self, support_feat: torch.Tensor, support_mask: torch.Tensor) -> torch.Tensor:
         """``support_feat[S, D, h, w]``, ``support_mask[S, H, W]`` -> ``[N_pro, D]``."""
         return bag_prototypes(
-            support_feat, support_mask, self.tau, use_background=self.use_background, eps=self.eps
+            support_feat, support_mask, self.tau, use_background=self.use_background, bag=self.bag, eps=self.eps
         )
 
     def forward(self, query_feat: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -147,4 +171,5 @@ class CWPA(nn.Module):
         return enhance(query_feat, prototypes, self.temperature)
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau}, temperature={self.temperature}, use_background={self.use_background}"
+        return (f"tau={self.tau}, temperature={self.temperature}, use_background={self.use_background}, "
+                f"bag={self.bag!r}")

@@ -116,3 +116,44 @@ def test_cwpa_module_background_option_and_validation():
         CWPA(tau=1.5)
     with pytest.raises(ValueError, match="same S"):
         local_prototypes(feat, torch.zeros(2, 16, 16))
+
+
+def test_masked_average_bag_is_one_prototype_whatever_the_mask():
+    """The ablation's bag: PANet's masked average of the features upsampled to the mask (hand-computed here),
+    even where local cells would pass tau; with the background option the background average follows."""
+    feat = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    mask = torch.zeros(2, 4, 4)
+    mask[0, :2, :2] = 1  # slice 0: the top-left cell exactly (4 pixels)
+    up = F.interpolate(feat, size=(4, 4), mode="bilinear", align_corners=False)  # [2, 3, 4, 4]
+    expected = (up * mask.unsqueeze(1)).sum(dim=(0, 2, 3)) / (mask.sum() + 1e-5)
+    fg = bag_prototypes(feat, mask, bag="masked_average")
+    assert fg.shape == (1, 3)
+    torch.testing.assert_close(fg[0], expected)
+    assert local_prototypes(feat, mask).shape == (1, 3) and not torch.allclose(local_prototypes(feat, mask), fg)
+    both = CWPA(bag="masked_average", use_background=True).prototypes(feat, mask)
+    bg = (up * (1 - mask).unsqueeze(1)).sum(dim=(0, 2, 3)) / ((1 - mask).sum() + 1e-5)
+    torch.testing.assert_close(both, torch.stack([expected, bg]))
+    # one prototype: the aggregated prototype is that vector at every position
+    q = torch.randn(2, 3, 2, 2)
+    out = CWPA(bag="masked_average")(q, fg)
+    torch.testing.assert_close(out[:, 3:], fg[0].reshape(1, 3, 1, 1) * q)
+    with pytest.raises(ValueError, match="CWPA: bag must be one of local, masked_average, got 'mean'"):
+        CWPA(bag="mean")
+    with pytest.raises(ValueError, match="bag_prototypes: bag must be one of"):
+        bag_prototypes(feat, mask, bag="mean")
+    assert "bag='masked_average'" in repr(CWPA(bag="masked_average"))
+
+
+def test_cwpa_unet_records_and_uses_the_bag():
+    from fewshot_proto.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("cwpa_unet_matcher", bag="masked_average").eval()
+    assert model.config["bag"] == "masked_average" and model.cwpa.bag == "masked_average"
+    assert build_model("cwpa_unet").config["bag"] == "local"
+    img = torch.randn(1, 3, 64, 64)
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 8:56, 8:56] = 1
+    with torch.no_grad():
+        protos = model.prototypes(model.encode(img), mask)
+    assert protos.local.shape == (1, 512)
