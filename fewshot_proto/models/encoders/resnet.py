@@ -55,7 +55,9 @@ class ResNet34Encoder(Encoder):
             RGB kernels are averaged, see ``_adapt_first_conv``).
         weights: ``None`` (random init, the default), ``"imagenet"`` (torchvision ``IMAGENET1K_V1`` read from the
             local torch hub cache only, never downloaded) or a path to a ``state_dict`` file (a torchvision
-            ResNet-34 or this encoder; ``fc.*`` keys are ignored), read with ``weights_only=True``.
+            ResNet-34 or this encoder; ``fc.*`` keys are ignored) or to a fewshot_proto checkpoint (its model's
+            ``encoder.*`` weights: a two-stage recipe starts from another run's trained encoder), read with
+            ``weights_only=True``.
         dilate_last: make ``layer4`` stride 1 / dilation 2 (output stride 16 instead of 32).
 
     Raises:
@@ -137,7 +139,14 @@ class ResNet34Encoder(Encoder):
                 raise FileNotFoundError(f"ResNet34Encoder: weights file {path} does not exist")
         else:
             raise ValueError(f"ResNet34Encoder: weights must be None, 'imagenet' or a path, got {weights!r}")
-        state = read_state_file(path, "ResNet34Encoder: weights file").state
+        sf = read_state_file(path, "ResNet34Encoder: weights file")
+        state = sf.state
+        if sf.model_name is not None:  # a fewshot_proto checkpoint: the model's encoder
+            prefix = "encoder."
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if not state:
+                raise ValueError(f"ResNet34Encoder: checkpoint {path} (model {sf.model_name!r}) has no encoder.* "
+                                 f"weights")
         return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:

@@ -128,3 +128,26 @@ def test_bad_weights_raise(tmp_path):
     torch.save({"conv1.weight": torch.zeros(3, 3)}, bad)
     with pytest.raises(ValueError, match="do not fit"):
         ResNet34Encoder(weights=bad)
+
+
+def test_weights_from_a_fewshot_proto_checkpoint_take_its_encoder(tmp_path):
+    """A two-stage recipe starts a model from another run's checkpoint: the encoder.* weights of that model."""
+    from fewshot_proto.engine.checkpoint import save_checkpoint
+    from fewshot_proto.models import build_model
+
+    torch.manual_seed(3)
+    first = build_model("alpnet")
+    with torch.no_grad():
+        first.encoder.bn1.running_mean.add_(0.5)  # batch-norm statistics travel with the weights
+    path = save_checkpoint(tmp_path / "checkpoint.pt", model=first, model_name="alpnet",
+                           model_config=dict(first.config), step=1)
+    second = build_model("cwpa_unet", weights=path)
+    for k, v in first.encoder.state_dict().items():
+        assert torch.equal(second.encoder.state_dict()[k], v), k
+    assert second.config["weights"] is None and second.init_weights == str(path)
+    # a checkpoint of a model without an encoder.* part is refused by name
+    lone = build_model("alpnet")
+    bad = tmp_path / "other.pt"
+    torch.save({"model": {"proj.weight": lone.proj.weight.detach()}, "model_name": "x", "model_config": {}}, bad)
+    with pytest.raises(ValueError, match=r"checkpoint .*other.pt \(model 'x'\) has no encoder.\* weights"):
+        ResNet34Encoder(weights=bad)
