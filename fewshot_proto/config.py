@@ -163,6 +163,10 @@ class TrainConfig:
     num_workers / prefetch: episodes are sampled in ``num_workers`` DataLoader worker processes (``prefetch``
         episodes each ahead), or in a background thread with ``num_workers`` 0 (``prefetch`` > 0), or in the
         loop itself (both 0).
+    freeze: submodules of the model (dotted attribute paths, e.g. ``[encoder]``) that are not trained: their
+        parameters get no gradient and they stay in ``eval()`` mode (batch-norm statistics frozen). With
+        ``model.kwargs.weights`` pointing at another run's checkpoint this is a two-stage recipe (train the
+        encoder with one head, then freeze it and train another). ``[]``: train everything.
     """
 
     iters: int = 1000
@@ -190,6 +194,7 @@ class TrainConfig:
     prefetch: int = 2
     threads: Optional[int] = None
     out: Optional[str] = None
+    freeze: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -222,6 +227,15 @@ class SupervisedConfig:
         class weights ``[1, pos_weight, ..., pos_weight]``); ``None``: 1.
     batch_dice: Dice over the whole batch per class (sums over all slices) instead of per slice; slices
         without the class then do not each contribute a loss of ~1 for a few false-positive pixels.
+    val_scans: early stopping. ``0``: off (train for ``train.iters`` or ``train.max_seconds``). Otherwise that
+        many of the fold's training scans are held out for validation (the LAST entries of the selection
+        permutation, so never labelled ones, and the same for every ``n_labelled``; ``n_labelled: null`` then
+        means all the other training scans). Every ``val_every`` steps the model segments them (every slice, at
+        ``data.size``) and their mean Dice over the test classes is computed; a higher value than the best so far
+        writes ``<out>/best.pt``; after ``patience`` validations without improvement training stops, and the run
+        ends with the weights of ``best.pt`` (``checkpoint.pt`` keeps the last step, for resume).
+        ``train.iters`` / ``train.max_seconds`` still cap the run.
+    val_every: steps between validations; patience: validations without improvement before stopping.
     """
 
     n_labelled: Optional[int] = None
@@ -233,6 +247,9 @@ class SupervisedConfig:
     ce_weight: float = 0.2
     pos_weight: Optional[float] = None
     batch_dice: bool = True
+    val_scans: int = 0
+    val_every: int = 100
+    patience: int = 5
 
 
 @dataclass
@@ -583,6 +600,9 @@ def validate_config(cfg: ExperimentConfig, *, sources: Optional[Mapping[str, str
         positive_int("train.threads", t.threads)
     if t.out is not None and not str(t.out).strip():
         fail("train.out", t.out, "must be a folder path or null (a new numbered folder per run)")
+    if not all(isinstance(m, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", m)
+               for m in t.freeze) or len(set(t.freeze)) != len(t.freeze):
+        fail("train.freeze", t.freeze, "must be a list of distinct submodule names such as [encoder]")
 
     if s.n_labelled is not None:
         positive_int("supervised.n_labelled", s.n_labelled)
@@ -592,6 +612,9 @@ def validate_config(cfg: ExperimentConfig, *, sources: Optional[Mapping[str, str
     number("supervised.dice_weight", s.dice_weight)
     number("supervised.ce_weight", s.ce_weight)
     number("supervised.pos_weight", s.pos_weight, strict=True, optional=True)
+    positive_int("supervised.val_scans", s.val_scans, 0)
+    positive_int("supervised.val_every", s.val_every)
+    positive_int("supervised.patience", s.patience)
 
 
 def config_differences(a: Mapping[str, Any], b: Mapping[str, Any], *, ignore: Sequence[str] = ()) -> List[str]:

@@ -247,10 +247,21 @@ def run(cfg: ExperimentConfig, *, resume: Optional[str] = None, overwrite: bool 
         if rank != 0:
             return 0
         t_train = time.perf_counter() - t0
-        capped = bool(cfg.train.max_seconds) and result.steps < cfg.train.iters
+        es = result.early_stopping
+        capped = bool(cfg.train.max_seconds) and result.steps < cfg.train.iters and not (es and es["stopped"])
         print(f"trained {result.steps} episodes in {t_train:.0f} s (median {result.seconds_per_step:.3f} "
               f"s/episode" + (f"; stopped by the {cfg.train.max_seconds:.0f} s cap" if capped else "")
               + f"); checkpoint: {result.checkpoint}")
+        checkpoint = result.checkpoint
+        if es is not None:
+            how = (f"stopped after {es['patience']} validations without improvement" if es["stopped"]
+                   else "did not stop early")
+            if es["best_step"] is None:
+                print(f"early stopping: no validation ran (every {es['every']} steps); evaluating the last weights")
+            else:
+                checkpoint = Path(cfg.train.out) / "best.pt"
+                print(f"early stopping on {', '.join(es['validation_scans'])}: best validation Dice {es['best']:.4f} "
+                      f"at step {es['best_step']}; {how}; evaluating {checkpoint}")
         if not evaluate_after:
             return 0
         specs = protocol_specs(dataset, p)
@@ -259,7 +270,7 @@ def run(cfg: ExperimentConfig, *, resume: Optional[str] = None, overwrite: bool 
                            progress=progress,
                            meta={"model": cfg.model.name, "dataset": dataset.name, "protocol": p.name,
                                  "setting": p.setting, "fold": p.fold, "shots": p.shots,
-                                 "test_classes": list(p.test_classes), "checkpoint": str(result.checkpoint),
+                                 "test_classes": list(p.test_classes), "checkpoint": str(checkpoint),
                                  "train_seconds": t_train, "iters": result.steps})
         print(f"\n{p.name} protocol, fold {p.fold}, Setting {p.setting}, {p.shots}-shot "
               f"(evaluated in {summary['timing']['seconds']:.0f} s):")

@@ -25,7 +25,8 @@ from fewshot_proto.errors import RunFolderError
 __all__ = ["RUN_FILES", "RunFolder", "open_run_folder", "holds_run", "next_version_folder"]
 
 #: the files and folders a training run writes into its folder
-RUN_FILES = ("checkpoint.pt", "config.yaml", "train_log.csv", "labelled_scans.json", "eval", "tensorboard")
+RUN_FILES = ("checkpoint.pt", "best.pt", "config.yaml", "train_log.csv", "labelled_scans.json", "validation.json",
+             "eval", "tensorboard")
 LOCK_NAME = ".lock"
 _VERSION = re.compile(r"version_(\d+)$")
 #: folders locked by this process: resolved path -> (file descriptor, depth)

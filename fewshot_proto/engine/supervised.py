@@ -18,6 +18,9 @@ network need to match a one-shot model? So, for the protocol's fold:
   bit-for-bit exactly as for episodic training.
 * **Loss** (:func:`supervised_losses`): ``dice_weight * Dice + ce_weight * CE``, softmax CE + Dice for a
   softmax head, per-class Dice + BCE (the seeds' 0.8 / 0.2, optional ``pos_weight``) for a sigmoid head.
+* **Early stopping** (``supervised.val_scans`` > 0): held-out training scans (:func:`select_validation_scans`)
+  are segmented every ``val_every`` steps (:func:`validation_dice`); the trainer keeps the best weights in
+  ``best.pt`` and stops after ``patience`` validations without improvement (:class:`EarlyStopping`).
 
 Optimiser, schedule, checkpoints, logging, interrupt handling and the wall-time budget are the trainer's.
 """
@@ -43,6 +46,9 @@ from fewshot_proto.types import natural_key
 
 __all__ = [
     "select_labelled_scans",
+    "select_validation_scans",
+    "validation_dice",
+    "EarlyStopping",
     "SliceBatch",
     "SliceBatchSampler",
     "supervised_losses",
@@ -52,30 +58,134 @@ __all__ = [
 ]
 
 
-def select_labelled_scans(train_scans: Sequence[str], n_labelled: Optional[int], seed: int = 0) -> List[str]:
-    """The labelled scans a supervised baseline trains on.
-
-    Rule: sort ``train_scans`` in natural order; ``n_labelled=None`` returns them all (in that order);
-    otherwise return the first ``n_labelled`` entries of ``numpy.random.default_rng(seed).permutation`` of
-    that list (in permutation order). For a fixed ``seed`` and training set the choices are nested: the
-    N-scan set is the first N of the (N+1)-scan set.
-
-    Raises:
-        ProtocolError: ``n_labelled`` is not in ``1..len(train_scans)``, or there are no training scans.
-    """
+def _permuted(train_scans: Sequence[str], seed: int) -> Tuple[List[str], List[str]]:
+    """``train_scans`` in natural order, and in the order of ``default_rng(seed).permutation``."""
     scans = sorted((str(s) for s in train_scans), key=natural_key)
     if not scans:
         raise ProtocolError("supervised training: the fold leaves no training scans")
+    perm = np.random.default_rng(int(seed)).permutation(len(scans))
+    return scans, [scans[int(i)] for i in perm]
+
+
+def select_validation_scans(train_scans: Sequence[str], val_scans: int, seed: int = 0) -> List[str]:
+    """The ``val_scans`` training scans held out for early stopping: the LAST ``val_scans`` entries of the
+    selection permutation (:func:`select_labelled_scans`), so they are never labelled and do not depend on
+    ``n_labelled``. ``[]`` for 0; a ``ProtocolError`` when they would leave no scan to train on."""
+    scans, order = _permuted(train_scans, seed)
+    v = int(val_scans)
+    if v == 0:
+        return []
+    if not 1 <= v < len(scans):
+        raise ProtocolError(f"supervised.val_scans must leave at least one of the {len(scans)} training scans of "
+                            f"this fold to train on, got {val_scans!r}")
+    return order[len(order) - v:]
+
+
+def select_labelled_scans(train_scans: Sequence[str], n_labelled: Optional[int], seed: int = 0,
+                          val_scans: int = 0) -> List[str]:
+    """The labelled scans a supervised baseline trains on.
+
+    Rule: sort ``train_scans`` in natural order; ``n_labelled=None`` returns them all (in that order) but the
+    ``val_scans`` validation scans; otherwise return the first ``n_labelled`` entries of
+    ``numpy.random.default_rng(seed).permutation`` of that list (in permutation order). For a fixed ``seed`` and
+    training set the choices are nested: the N-scan set is the first N of the (N+1)-scan set. The validation
+    scans are the last ``val_scans`` entries of the same permutation (:func:`select_validation_scans`).
+
+    Raises:
+        ProtocolError: ``n_labelled`` is not in ``1..len(train_scans) - val_scans``, or there are no training scans.
+    """
+    scans, order = _permuted(train_scans, seed)
+    held = set(select_validation_scans(train_scans, val_scans, seed))
     if n_labelled is None:
-        return scans
+        return [s for s in scans if s not in held]
     n = int(n_labelled)
-    if isinstance(n_labelled, bool) or not 1 <= n <= len(scans):
+    room = len(scans) - len(held)
+    if isinstance(n_labelled, bool) or not 1 <= n <= room:
+        extra = f" less the {len(held)} validation scan(s)" if held else ""
         raise ProtocolError(
-            f"supervised.n_labelled must be between 1 and the {len(scans)} training scans of this fold "
+            f"supervised.n_labelled must be between 1 and the {len(scans)} training scans of this fold{extra} "
             f"({scans}), got {n_labelled!r}"
         )
-    perm = np.random.default_rng(int(seed)).permutation(len(scans))
-    return [scans[int(i)] for i in perm[:n]]
+    return order[:n]
+
+
+@torch.no_grad()
+def validation_dice(model: nn.Module, cache: SliceCache, scans: Sequence[str], n_slices: Mapping[str, int],
+                    classes: Sequence[int], *, device: torch.device, channels: int = 3, batch: int = 16,
+                    channels_last: bool = False) -> float:
+    """Mean Dice over ``scans`` x ``classes`` of the model's argmax segmentation of every slice, at the cache's size.
+
+    Per scan and class the Dice is computed over the whole volume (``2|P∩G| / (|P| + |G|)``; 1 when both are
+    empty, so a scan without the class counts only when the model finds it there). ``model.segment_image`` gives
+    ``[B, 1 + K, H, W]`` logits for ``classes`` (channel ``i`` is ``classes[i - 1]``); the caller puts the model in
+    ``eval()`` mode.
+    """
+    scores = []
+    for scan in scans:
+        inter = np.zeros(len(classes))
+        size_p = np.zeros(len(classes))
+        size_g = np.zeros(len(classes))
+        zs = list(range(int(n_slices[scan])))
+        for i in range(0, len(zs), batch):
+            imgs, labs = [], []
+            for z in zs[i:i + batch]:
+                img, lab = cache.get(scan, z)
+                if lab is None:
+                    raise DataError(f"validation scan {scan!r} has no label map")
+                imgs.append(to_channels(img, channels))
+                labs.append(np.asarray(lab))
+            x = to_memory_format(torch.from_numpy(np.stack(imgs).astype(np.float32)).to(device), channels_last)
+            pred = model.segment_image(x).float().argmax(dim=1).cpu().numpy()  # [B, H, W] in 0..K
+            gt = np.stack(labs)
+            for k, c in enumerate(classes):
+                p, g = pred == k + 1, gt == c
+                inter[k] += np.logical_and(p, g).sum()
+                size_p[k] += p.sum()
+                size_g[k] += g.sum()
+        for k in range(len(classes)):
+            denom = size_p[k] + size_g[k]
+            scores.append(1.0 if denom == 0 else 2.0 * inter[k] / denom)
+    return float(np.mean(scores))
+
+
+class EarlyStopping:
+    """Best-so-far tracking of a validation score (higher is better) with patience.
+
+    ``update(step, value) -> bool`` records one validation and returns whether it improved on the best (strictly);
+    ``stop`` is true after ``patience`` validations in a row without improvement. ``state()`` / ``load(state)``
+    carry it through a checkpoint, so a resumed run stops where an uninterrupted one would.
+    """
+
+    def __init__(self, every: int, patience: int) -> None:
+        self.every = int(every)
+        self.patience = int(patience)
+        self.best: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self.bad = 0
+        self.history: List[Tuple[int, float]] = []
+
+    def update(self, step: int, value: float) -> bool:
+        self.history.append((int(step), float(value)))
+        if self.best is None or value > self.best:
+            self.best, self.best_step, self.bad = float(value), int(step), 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.bad >= self.patience
+
+    def state(self) -> Dict[str, Any]:
+        return {"every": self.every, "patience": self.patience, "best": self.best, "best_step": self.best_step,
+                "bad": self.bad, "history": [list(h) for h in self.history]}
+
+    def load(self, state: Mapping[str, Any]) -> "EarlyStopping":
+        self.best = None if state.get("best") is None else float(state["best"])
+        self.best_step = None if state.get("best_step") is None else int(state["best_step"])
+        self.bad = int(state.get("bad", 0))
+        self.history = [(int(a), float(b)) for a, b in state.get("history", [])]
+        return self
 
 
 @dataclass
@@ -283,7 +393,8 @@ class SupervisedTask:
         self.channels_last = bool(cfg.train.channels_last)
         self.out_mode = str(getattr(model, "out_mode", "softmax"))
         self.classes = [int(c) for c in classes]
-        self.labelled_scans = select_labelled_scans(train_scans, s.n_labelled, s.selection_seed)
+        self.labelled_scans = select_labelled_scans(train_scans, s.n_labelled, s.selection_seed, s.val_scans)
+        self.validation_scans = select_validation_scans(train_scans, s.val_scans, s.selection_seed)
         missing = [c for c in self.classes if not any(index.slices(c, sc) for sc in self.labelled_scans)]
         if missing:
             raise ProtocolError(
@@ -297,6 +408,16 @@ class SupervisedTask:
                                     channels=int(getattr(model, "in_channels", 3)))
         self.sampler = sampler
         self.source = EpisodeSource(sampler, seed=cfg.train.seed, rank=rank)
+        self.early_stopping = EarlyStopping(s.val_every, s.patience) if self.validation_scans else None
+        self._val_n_slices = {sc: int(index.n_slices[sc]) for sc in self.validation_scans}
+        self._val_cache = (SliceCache(dataset, cfg.data.size, {sc: range(n) for sc, n in self._val_n_slices.items()})
+                           if self.validation_scans else None)
+        self._channels = int(getattr(model, "in_channels", 3))
+
+    def validate(self, model: nn.Module) -> float:
+        """:func:`validation_dice` of ``model`` (in ``eval()`` mode) on the validation scans."""
+        return validation_dice(model, self._val_cache, self.validation_scans, self._val_n_slices, self.classes,
+                               device=self.device, channels=self._channels, channels_last=self.channels_last)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module a step calls: :class:`ImageSegmenter` (so DDP sees ``segment_image``)."""

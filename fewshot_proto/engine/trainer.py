@@ -69,6 +69,8 @@ class TrainResult:
     model: Any = None
     kind: str = "fewshot"  # the model's kind: "fewshot" (episodic training) or "supervised" (slice batches)
     labelled_scans: Optional[List[str]] = None  # supervised: the labelled training scans used
+    validation_scans: Optional[List[str]] = None  # supervised with early stopping: the held-out scans
+    early_stopping: Optional[Dict[str, Any]] = None  # its state: best value and step, history, whether it stopped
 
 
 
@@ -180,12 +182,29 @@ def train(cfg: ExperimentConfig, *, resume: Optional[str | Path] = None, progres
         if rank == 0 and task.labelled_scans is not None:
             (out_dir / "labelled_scans.json").write_text(json.dumps(
                 {"n_labelled": len(task.labelled_scans), "selection_seed": cfg.supervised.selection_seed,
-                 "fold": cfg.protocol.fold, "scans": task.labelled_scans}, indent=1))
+                 "fold": cfg.protocol.fold, "scans": task.labelled_scans,
+                 "validation_scans": getattr(task, "validation_scans", [])}, indent=1))
         return _run(cfg, task, model, out_dir=out_dir, runtime=runtime, resume=resume, ckpt=ckpt,
                     progress=progress, stop_after=stop_after, rank=rank, world_size=world_size)
     finally:
         if folder is not None:
             folder.release()
+
+
+def freeze_modules(model: torch.nn.Module, names: List[str], model_name: str) -> List[torch.nn.Module]:
+    """``train.freeze``: turn off the gradients of the named submodules and return them (the loop keeps them in
+    ``eval()`` mode). An unknown name is a ``ConfigError`` listing the model's top-level submodules."""
+    out = []
+    for name in names:
+        try:
+            sub = model.get_submodule(name)
+        except AttributeError:
+            children = ", ".join(n for n, _ in model.named_children())
+            raise ConfigError(f"train.freeze: model {model_name} has no submodule {name!r} (its submodules: "
+                              f"{children})") from None
+        sub.requires_grad_(False)
+        out.append(sub)
+    return out
 
 
 def _run(cfg: ExperimentConfig, task, model: torch.nn.Module, *, out_dir: Path,
@@ -195,16 +214,24 @@ def _run(cfg: ExperimentConfig, task, model: torch.nn.Module, *, out_dir: Path,
 
     ``task`` provides ``source`` (an :class:`~fewshot_proto.engine.stream.EpisodeSource`), ``wrap(model)`` (the
     module a step calls), ``losses(train_model, item) -> {"loss": ..., <terms>}``, ``loss_fields`` and
-    ``describe(item)``.
+    ``describe(item)``; optionally ``early_stopping`` (an :class:`~fewshot_proto.engine.supervised.EarlyStopping`)
+    and ``validate(model) -> float``: every ``early_stopping.every`` steps the model is validated (before that
+    step's checkpoint, so a resumed run repeats nothing), an improvement is written to ``best.pt``, and the run
+    stops after ``patience`` validations without one and ends with the best weights.
     """
     t_cfg = cfg.train
     ckpt_path = out_dir / "checkpoint.pt"
+    best_path = out_dir / "best.pt"
+    es = getattr(task, "early_stopping", None)
     model_config = dict(model.config)
     device = runtime.device
     model.to(device)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
+    frozen = freeze_modules(model, t_cfg.freeze, cfg.model.name)
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"train.freeze = {t_cfg.freeze}: nothing of model {cfg.model.name} is left to train")
     optimizer = build_optimizer(params, t_cfg, device)
     scheduler = build_scheduler(optimizer, t_cfg)
 
@@ -217,6 +244,8 @@ def _run(cfg: ExperimentConfig, task, model: torch.nn.Module, *, out_dir: Path,
             scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
         start = int(ckpt["step"])
+        if es is not None:
+            es.load((ckpt.get("metrics") or {}).get("early_stopping") or {})
 
     train_model = task.wrap(model)
     if world_size > 1:
@@ -237,7 +266,8 @@ def _run(cfg: ExperimentConfig, task, model: torch.nn.Module, *, out_dir: Path,
             return True
         try:
             save_checkpoint(ckpt_path, model=model, model_name=cfg.model.name, model_config=model_config, step=step,
-                            optimizer=optimizer, scheduler=scheduler, config=resolved)
+                            optimizer=optimizer, scheduler=scheduler, config=resolved,
+                            metrics={"early_stopping": es.state()} if es is not None else None)
         except NonFiniteCheckpointError:
             return False
         saved["step"] = step
@@ -250,6 +280,8 @@ def _run(cfg: ExperimentConfig, task, model: torch.nn.Module, *, out_dir: Path,
 
     source = task.source
     stop = t_cfg.iters if stop_after is None else min(t_cfg.iters, start + int(stop_after))
+    if es is not None and es.stop:  # a resumed run that had already stopped early trains no further
+        stop = start
     logger = (TrainLog(out_dir, loss_fields=task.loss_fields, resume_step=start if ckpt is not None else None)
               if rank == 0 else None)
     losses: List[float] = []
@@ -262,6 +294,8 @@ def _run(cfg: ExperimentConfig, task, model: torch.nn.Module, *, out_dir: Path,
         unit = "ep" if task.kind == "fewshot" else "batch"
         bar = tqdm(total=t_cfg.iters, initial=start, desc="train", unit=unit, dynamic_ncols=True)
     model.train()
+    for m in frozen:
+        m.eval()  # frozen batch-norm statistics too
     items = source.stream(start, stop, prefetch=t_cfg.prefetch, num_workers=t_cfg.num_workers)
     try:
         t_prev = time.perf_counter()
@@ -303,9 +337,23 @@ def _run(cfg: ExperimentConfig, task, model: torch.nn.Module, *, out_dir: Path,
                 if step % 5 == 0:
                     bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}",
                                     s_per_step=f"{np.median(step_times[-20:]):.2f}")
+            if es is not None and step % es.every == 0:
+                model.eval()
+                with runtime.autocast():
+                    value = task.validate(model)
+                model.train()
+                for m in frozen:
+                    m.eval()
+                if es.update(step, value) and rank == 0:
+                    save_checkpoint(best_path, model=model, model_name=cfg.model.name, model_config=model_config,
+                                    step=step, config=resolved, metrics={"val_dice": value})
+                if bar is not None:
+                    bar.write(f"step {step}: validation Dice {value:.4f} (best {es.best:.4f} at step {es.best_step})")
             if t_cfg.ckpt_every and step % t_cfg.ckpt_every == 0 and not checkpoint(step):
                 raise DivergedError(f"non-finite weights after step {step}: training stopped; {kept()}. "
                                     f"Lower train.lr")
+            if es is not None and es.stop:
+                break
             if t_cfg.max_seconds is not None and now - t_start >= t_cfg.max_seconds:
                 break
     except DivergedError:
@@ -325,7 +373,15 @@ def _run(cfg: ExperimentConfig, task, model: torch.nn.Module, *, out_dir: Path,
     seconds = time.perf_counter() - t_start
     med = float(np.median(step_times[1:] if len(step_times) > 1 else step_times)) if step_times else float("nan")
     frac = float(np.sum(sample_times) / max(np.sum(step_times), 1e-9)) if step_times else float("nan")
+    es_state = None
+    if es is not None:
+        es_state = {**es.state(), "stopped": es.stop, "validation_scans": list(task.validation_scans)}
+        if rank == 0:
+            if es.best_step is not None:  # end with the best weights (checkpoint.pt keeps the last step)
+                load_model_state(model, load_checkpoint(best_path, expect_model=cfg.model.name)["model"], best_path)
+            (out_dir / "validation.json").write_text(json.dumps(es_state, indent=1))
     model.eval()
     return TrainResult(out_dir=out_dir, checkpoint=ckpt_path, steps=step, losses=losses, seconds=seconds,
                        seconds_per_step=med, sample_fraction=frac, model=model, kind=task.kind,
-                       labelled_scans=task.labelled_scans)
+                       labelled_scans=task.labelled_scans, validation_scans=getattr(task, "validation_scans", None),
+                       early_stopping=es_state)

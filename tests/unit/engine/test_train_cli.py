@@ -179,6 +179,12 @@ def test_divergence_keeps_the_last_finite_checkpoint(tmp_path, capsys, data_root
     (["--test-classes", "2,9"], "error: protocol.test_classes [2, 9]: class(es) [9] do not occur in dataset"),
     (["--model", "nope"], "error: unknown model 'nope'; valid names: "),
     (["--resume", "missing.pt"], "error: checkpoint missing.pt does not exist"),
+    (["--set", "train.freeze=[encodr]"], "error: train.freeze: model cwpa_unet_matcher has no submodule 'encodr' "
+                                         "(its submodules: encoder, cwpa, decoder, head)"),
+    (["--set", "train.freeze=[encoder, encoder]"], "error: --set: train.freeze = ['encoder', 'encoder']: must be a "
+                                                    "list of distinct submodule names such as [encoder]"),
+    (["--model", "panet", "--set", "train.freeze=[encoder]"],
+     "error: train.freeze = ['encoder']: nothing of model panet is left to train"),
 ])
 def test_expected_failures_are_one_line(tmp_path, monkeypatch, capsys, data_root, argv, message):
     monkeypatch.chdir(tmp_path)
