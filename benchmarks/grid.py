@@ -17,6 +17,9 @@ Grid file (YAML)::
     methods:                        # row name, registry model name, dotted overrides of that row
       - {name: alpnet, model: alpnet, set: {train.lambda_cyc: 0.0}}
       - {name: unet_n1, model: unet, set: {supervised.n_labelled: 1}, budget_seconds: 240}  # supervised only
+      - {name: two_stage, model: cwpa_unet, init_from: alpnet, set: {train.freeze: [encoder]}}
+    reuse: [../results/grid_chaos_t2_main.jsonl]   # optional: stores whose records of the same run ids are copied
+    compare: [[alpnet, two_stage]]  # optional: the pairs summarise.py tests (default: every pair of few-shot rows)
     test_groups: [[2, 3], [1, 4]]   # protocol.test_classes
     folds: [0, 1, 2, 3, 4]          # protocol.fold
     seeds: [0]                      # train.seed
@@ -27,13 +30,24 @@ Grid file (YAML)::
     iters: 100000                   # optional train.iters (large: the budget binds)
     slurm: {partition: gpu, timeout_min: 60}   # optional, --executor submitit: AutoExecutor slurm_* parameters
 
-Relative paths (``config``, ``data.root``) resolve against the grid file's folder. Layers, later wins: default
-config (or ``config``), ``data``, ``phantoms``, grid ``set``, ``size``/``precision``/``iters``/budget, the
+Relative paths (``config``, ``data.root``, ``reuse``) resolve against the grid file's folder. Layers, later wins:
+default config (or ``config``), ``data``, ``phantoms``, grid ``set``, ``size``/``precision``/``iters``/budget, the
 method's model and ``set``, then the run's test group, fold, seed and setting.
 
 Run id: the first 12 hex digits of the SHA-256 of the canonical JSON (sorted keys, no spaces) of the resolved
 ``ExperimentConfig`` without the keys in :data:`ID_IGNORED_KEYS` (where files go and how the machine computes,
-not what is computed), plus the phantom spec when the grid uses ``phantoms`` (its folder is ``data.root``).
+not what is computed), plus the phantom spec when the grid uses ``phantoms`` (its folder is ``data.root``) and the
+id of the run a two-stage row starts from. Config keys added after the first stores were written
+(:data:`ID_LATER_KEYS`) are left out while they hold the value that reproduces the earlier behaviour, so the
+stored runs keep their ids.
+
+Two-stage rows: ``init_from: <method>`` names an earlier method of the grid; each run of the row starts from the
+final checkpoint of that method's run with the same test group, fold, seed and setting (``model.kwargs.weights``
+is set to ``<runs>/<id>/checkpoint.pt``: the model's encoder, see ``ResNet34Encoder``), which must have been run
+with the same ``--runs`` folder. With ``train.freeze: [encoder]`` the row trains only what sits on the encoder.
+
+Reuse: a run whose id is already in one of the ``reuse`` stores (another grid with the same base and budget, for
+the rows two grids share) is copied into this grid's store with this grid's method name instead of re-run.
 
 Executors: ``local`` (default) runs one run after another in this process (the model is dropped after each
 run); ``submitit`` submits each run as a Slurm job (``submitit.AutoExecutor``), ``submitit-local`` as a local
@@ -71,11 +85,15 @@ RESULTS = HERE / "results"
 #: dotted keys left out of the run id: where the run writes and how the machine computes, not what
 ID_IGNORED_KEYS = ("train.out", "train.num_workers", "train.prefetch", "train.threads", "train.device",
                    "data.root", "data.cache_volumes", "progress")
+#: dotted keys added to the config after grid stores were first written -> the value that reproduces the earlier
+#: behaviour; a key holding that value is left out of the id (so the stored runs keep their ids)
+ID_LATER_KEYS: Dict[str, Any] = {"train.freeze": [], "supervised.val_scans": 0, "supervised.val_every": 100,
+                                 "supervised.patience": 5}
 ID_LENGTH = 12
 GRID_KEYS = {"name", "config", "data", "phantoms", "set", "methods", "test_groups", "folds", "seeds", "settings",
-             "budget_seconds", "size", "precision", "iters", "slurm"}
+             "budget_seconds", "size", "precision", "iters", "slurm", "reuse", "compare"}
 REQUIRED_KEYS = ("name", "methods", "test_groups", "folds", "seeds", "settings", "budget_seconds")
-METHOD_KEYS = {"name", "model", "set", "budget_seconds"}
+METHOD_KEYS = {"name", "model", "set", "budget_seconds", "init_from"}
 FILTER_KEYS = ("id", "method", "model", "kind", "group", "fold", "seed", "setting")
 EXECUTORS = ("local", "submitit", "submitit-local")
 SUBMITIT_INSTALL = "pip install 'fewshot_proto[grid]' (or: pip install submitit)"
@@ -100,6 +118,7 @@ class Run:
     setting: int
     budget: Optional[float]
     cfg: ExperimentConfig
+    init_from: Optional[str] = None  # id of the run whose checkpoint this run starts from
 
     @property
     def group_label(self) -> str:
@@ -117,6 +136,8 @@ class Grid:
     runs: List[Run]
     slurm: Dict[str, Any] = field(default_factory=dict)
     phantoms: Optional[Dict[str, Any]] = None
+    reuse: List[Path] = field(default_factory=list)
+    compare: List[List[str]] = field(default_factory=list)
 
 
 def group_label(group: Sequence[int]) -> str:
@@ -137,6 +158,11 @@ def id_payload(cfg: ExperimentConfig | Mapping[str, Any], extra: Optional[Mappin
         holder = d.get(section) if section else d
         if isinstance(holder, dict):
             holder.pop(leaf, None)
+    for key, neutral in ID_LATER_KEYS.items():
+        section, _, leaf = key.rpartition(".")
+        holder = d.get(section) if section else d
+        if isinstance(holder, dict) and leaf in holder and holder[leaf] == neutral:
+            del holder[leaf]
     if extra:
         d["grid"] = dict(extra)
     return d
@@ -241,7 +267,7 @@ def load_grid(path: str | Path, *, write_phantoms: bool = True) -> Grid:
     methods = raw["methods"]
     if not isinstance(methods, list) or not methods:
         raise GridError(f"{p}: methods must be a non-empty list of {{name, model, set}}")
-    seen = set()
+    seen: Dict[str, Dict[str, Any]] = {}
     runs: List[Run] = []
     extra = {"phantoms": phantoms} if phantoms is not None else None
     for i, m in enumerate(methods):
@@ -253,8 +279,18 @@ def load_grid(path: str | Path, *, write_phantoms: bool = True) -> Grid:
             raise GridError(f"{mw}: unknown key(s) {bad}; valid keys: {sorted(METHOD_KEYS)}")
         if m["name"] in seen:
             raise GridError(f"{mw}: duplicate method name {m['name']!r}")
-        seen.add(m["name"])
+        seen[m["name"]] = m
         kind = _model_kind(str(m["model"]), f"{mw}.model")
+        parent = m.get("init_from")
+        if parent is not None:
+            if parent not in seen or parent == m["name"]:
+                raise GridError(f"{mw}.init_from: {parent!r} is not a method listed before {m['name']!r}")
+            if seen[parent].get("init_from") is not None:
+                raise GridError(f"{mw}.init_from: {parent!r} itself starts from another run; one stage of "
+                                f"init_from only")
+            if kind != "fewshot" or "model.kwargs.weights" in (m.get("set") or {}):
+                raise GridError(f"{mw}.init_from: only a few-shot method without its own model.kwargs.weights "
+                                f"can start from another run")
         overrides = dict(m.get("set") or {})
         if not isinstance(m.get("set") or {}, dict):
             raise GridError(f"{mw}.set: expected a mapping of dotted keys")
@@ -268,9 +304,15 @@ def load_grid(path: str | Path, *, write_phantoms: bool = True) -> Grid:
             for group, fold, seed, setting in itertools.product(groups, folds, seeds, settings):
                 cfg = apply_overrides(mcfg, {"protocol.test_classes": group, "protocol.fold": fold,
                                              "train.seed": seed, "protocol.setting": setting}, where=where)
-                runs.append(Run(id=run_id(cfg, extra), method=str(m["name"]), model=str(m["model"]), kind=kind,
+                start = None
+                run_extra = extra
+                if parent is not None:
+                    start = next(r.id for r in runs if r.method == parent and r.group == list(group)
+                                 and (r.fold, r.seed, r.setting) == (fold, seed, setting))
+                    run_extra = {**(extra or {}), "init_from": start}
+                runs.append(Run(id=run_id(cfg, run_extra), method=str(m["name"]), model=str(m["model"]), kind=kind,
                                 group=list(group), fold=fold, seed=seed, setting=setting,
-                                budget=cfg.train.max_seconds, cfg=cfg))
+                                budget=cfg.train.max_seconds, cfg=cfg, init_from=start))
         except ConfigError as e:
             raise GridError(str(e)) from None
     ids: Dict[str, Run] = {}
@@ -282,7 +324,25 @@ def load_grid(path: str | Path, *, write_phantoms: bool = True) -> Grid:
     slurm = raw.get("slurm") or {}
     if not isinstance(slurm, dict):
         raise GridError(f"{p}: slurm must be a mapping of slurm_* parameters (without the prefix), got {slurm!r}")
-    return Grid(path=p, name=name, runs=runs, slurm=slurm, phantoms=phantoms)
+    reuse = raw.get("reuse") or []
+    if not isinstance(reuse, list) or not all(isinstance(r, str) and r for r in reuse):
+        raise GridError(f"{p}: reuse must be a list of store paths, got {reuse!r}")
+    compare = read_compare(raw, p, set(seen))
+    return Grid(path=p, name=name, runs=runs, slurm=slurm, phantoms=phantoms,
+                reuse=[Path(_resolve_root(r, folder)) for r in reuse], compare=compare)
+
+
+def read_compare(raw: Mapping[str, Any], path: Path, methods: Optional[set] = None) -> List[List[str]]:
+    """The grid's ``compare`` pairs (``[]`` when absent), checked against its method names when given."""
+    pairs = raw.get("compare") or []
+    if not isinstance(pairs, list) or not all(isinstance(x, list) and len(x) == 2 and all(isinstance(m, str)
+                                                                                         for m in x) for x in pairs):
+        raise GridError(f"{path}: compare must be a list of [method, method] pairs, got {pairs!r}")
+    if methods is not None:
+        unknown = sorted({m for x in pairs for m in x} - methods)
+        if unknown:
+            raise GridError(f"{path}: compare names unknown method(s) {unknown}; methods: {sorted(methods)}")
+    return [list(x) for x in pairs]
 
 
 # --------------------------------------------------------------------------------------------------- filters
@@ -387,7 +447,11 @@ def execute_run(run: Run, runs_dir: str | Path, grid_name: str) -> Dict[str, Any
     from fewshot_proto.engine.runtime import Runtime, cpu_name
 
     out = Path(runs_dir) / run.id
-    cfg = apply_overrides(run.cfg, {"train.out": str(out)}, where="grid runner")
+    overrides: Dict[str, Any] = {"train.out": str(out)}
+    if run.init_from is not None:
+        start = start_checkpoint(run, runs_dir)
+        overrides["model.kwargs"] = {**run.cfg.model.kwargs, "weights": str(start)}
+    cfg = apply_overrides(run.cfg, overrides, where="grid runner")
     runtime = Runtime.from_train_config(cfg.train)
     dataset = dataset_from_config(cfg.data)
     t0 = time.perf_counter()
@@ -409,9 +473,10 @@ def execute_run(run: Run, runs_dir: str | Path, grid_name: str) -> Dict[str, Any
     record = {
         "id": run.id, "grid": grid_name, "method": run.method, "model": run.model, "kind": run.kind,
         "test_group": run.group, "fold": run.fold, "seed": run.seed, "setting": run.setting,
-        "budget_seconds": run.budget, "n_labelled": (len(res.labelled_scans) if res.labelled_scans is not None
-                                                     else None),
-        "config": config_to_dict(cfg), "steps": int(res.steps), "train_seconds": float(res.seconds),
+        "budget_seconds": run.budget, "init_from": run.init_from,
+        "n_labelled": len(res.labelled_scans) if res.labelled_scans is not None else None,
+        "early_stopping": res.early_stopping, "config": config_to_dict(cfg), "steps": int(res.steps),
+        "train_seconds": float(res.seconds),
         "train_wall_seconds": train_wall, "eval_seconds": eval_wall, "precision": runtime.precision,
         "mean_dice": float(summary["mean_dice"]), "per_class": per_class, "rows": rows,
         "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -422,6 +487,47 @@ def execute_run(run: Run, runs_dir: str | Path, grid_name: str) -> Dict[str, Any
     del model, res, summary
     gc.collect()
     return record
+
+
+def start_checkpoint(run: Run, runs_dir: str | Path) -> Path:
+    """The final checkpoint of the run ``run`` starts from (``init_from``); a one-line error when it is missing."""
+    path = Path(runs_dir) / str(run.init_from) / "checkpoint.pt"
+    if not path.is_file():
+        raise GridError(f"run {run.id} ({run.method}) starts from run {run.init_from}'s checkpoint, and {path} does "
+                        f"not exist: run {run.init_from} first, with the same --runs folder")
+    return path
+
+
+def reuse_records(grid: Grid, store: Path, done: set, *, write: bool = True) -> set:
+    """Copy the records of this grid's not-yet-done runs found in ``grid.reuse`` stores into ``store`` (and add
+    their ids to ``done``); returns the ids found (``write=False``: only find them)."""
+    wanted = {r.id: r for r in grid.runs if r.id not in done}
+    copied = set()
+    for other in grid.reuse:
+        if not wanted:
+            break
+        if not other.exists():
+            raise GridError(f"{grid.path}: reuse store {other} does not exist")
+        for rec in read_store(other):
+            run = wanted.pop(rec["id"], None)
+            if run is None:
+                continue
+            copied.add(rec["id"])
+            if write:
+                append_record(store, {**rec, "grid": grid.name, "method": run.method,
+                                      "reused_from": {"store": other.name, "grid": rec.get("grid"),
+                                                      "method": rec.get("method")}})
+                done.add(rec["id"])
+    return copied
+
+
+def check_dependencies(todo: List[Run], done: set) -> None:
+    """Every two-stage run's first stage is done or runs before it in ``todo``."""
+    order = {r.id: i for i, r in enumerate(todo)}
+    for i, r in enumerate(todo):
+        if r.init_from is not None and r.init_from not in done and order.get(r.init_from, i) >= i:
+            raise GridError(f"run {r.describe()} starts from run {r.init_from}, which is neither done nor selected; "
+                            f"run it first (widen --only)")
 
 
 def run_and_store(grid_path: str | Path, rid: str, runs_dir: str | Path, store: str | Path) -> int:
@@ -490,14 +596,18 @@ def run_submitit(grid: Grid, todo: List[Run], runs_dir: Path, store: Path, execu
                str(runs_dir.resolve()), "--store", str(store.resolve())]
         return executor.submit(submitit.helpers.CommandFunction(cmd, cwd=str(Path.cwd()), env=env))
 
-    # Slurm: every job at once (the cluster places them); local: one job at a time, since the runs are timed and
-    # concurrent jobs on one machine would slow each other down
+    # Slurm: every job at once (the cluster places them), except two-stage runs whose first stage is in this batch:
+    # they are submitted when it has finished; local: one job at a time, since the runs are timed and concurrent
+    # jobs on one machine would slow each other down
     sequential = executor_name == "submitit-local"
-    jobs = [(run, None if sequential else submit(run)) for run in todo]
+    pending = {r.id for r in todo}
+    jobs = [(run, None if sequential or run.init_from in pending else submit(run)) for run in todo]
     print(f"{'submitting' if sequential else 'submitted'} {len(jobs)} job(s) to {executor_name}"
           f"{' one at a time' if sequential else ''} (logs in {jobs_dir})", flush=True)
     failed = 0
     t0 = time.perf_counter()
+    later = [j for j in jobs if j[1] is None]
+    jobs = [j for j in jobs if j[1] is not None] + later  # the first stages' jobs are waited for first
     for i, (run, job) in enumerate(jobs):
         try:
             (job or submit(run)).result()
@@ -535,15 +645,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_and_store(args.grid, args.run_id, runs_dir, store)
         todo_all = select(grid.runs, parse_filters(args.only))
         done = done_ids(store)
+        copied = reuse_records(grid, store, done, write=not args.dry_run)
         todo = [r for r in todo_all if r.id not in done]
-        print(f"grid {grid.name}: {len(grid.runs)} runs, {len(todo_all)} selected, "
-              f"{len(todo_all) - len(todo)} already in {store}, {len(todo)} to run", flush=True)
         if args.dry_run:
+            print(f"grid {grid.name}: {len(grid.runs)} runs, {len(todo_all)} selected, "
+                  f"{sum(r.id in done for r in todo_all)} already in {store}, "
+                  f"{sum(r.id in copied for r in todo)} to copy from the reuse stores, "
+                  f"{sum(r.id not in copied for r in todo)} to run", flush=True)
             for r in todo_all:
-                print(f"  {'done' if r.id in done else 'todo'}  {r.describe()}")
+                status = "done" if r.id in done else "copy" if r.id in copied else "todo"
+                print(f"  {status}  {r.describe()}" + (f" (starts from {r.init_from})" if r.init_from else ""))
             return 0
+        n_copied = sum(r.id in copied for r in todo_all)
+        print(f"grid {grid.name}: {len(grid.runs)} runs, {len(todo_all)} selected, "
+              f"{len(todo_all) - len(todo)} already in {store}"
+              f"{f' ({n_copied} copied now from the reuse stores)' if n_copied else ''}, {len(todo)} to run",
+              flush=True)
         if not todo:
             return 0
+        check_dependencies(todo, done)
         if args.executor == "local":
             return run_local(grid, todo, runs_dir, store)
         return run_submitit(grid, todo, runs_dir, store, args.executor, runs_dir / "_submitit")

@@ -3,6 +3,7 @@ label-efficiency plot, all regenerated from the store alone.
 
     python benchmarks/summarise.py benchmarks/results/grid_chaos_t2_main.jsonl
     python benchmarks/summarise.py benchmarks/results/grid_chaos_t2_main.jsonl --compare alpnet panet
+    python benchmarks/summarise.py benchmarks/results/grid_*.jsonl       # every committed table, one command
 
 Outputs next to the store (same stem): ``.md``, ``.csv`` and ``_label_efficiency.png``.
 
@@ -11,8 +12,9 @@ Outputs next to the store (same stem): ``.md``, ``.csv`` and ``_label_efficiency
   mean Dice), in %, with the number of runs.
 * Paired comparison: Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, two-sided, ``zero_method="wilcox"``:
   pairs with zero difference are dropped before ranking) on per-scan Dice over the (setting, fold, seed, query
-  scan, class) pairs present for both methods on the same test group. Default: every pair of few-shot methods
-  on each test group; ``--compare A B`` (repeatable) replaces that set.
+  scan, class) pairs present for both methods on the same test group. Default: the ``compare`` pairs of the grid
+  file ``benchmarks/grids/<grid>.yaml`` when it lists them (an ablation grid compares each row with the default
+  model), else every pair of few-shot methods on each test group; ``--compare A B`` (repeatable) replaces that.
 * Plot: one panel per test group x setting; supervised rows by labelled scans (``n_labelled``; mean ± sample
   std over folds and seeds as error bars), few-shot methods as horizontal lines with a shaded ± std band.
 """
@@ -31,7 +33,8 @@ import numpy as np
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid import GridError, group_label, read_store  # noqa: E402
+import yaml  # noqa: E402
+from grid import HERE, GridError, group_label, read_compare, read_store  # noqa: E402
 
 DDOF = 1
 ALPHA = 0.05
@@ -120,6 +123,18 @@ def verdict(p: float, note: str = "") -> str:
     if math.isnan(p):
         return f"no test ({note})" if note else "no test"
     return f"significant at {ALPHA}" if p < ALPHA else f"not significant at {ALPHA}"
+
+
+def grid_comparisons(name: str, grids_dir: Path = HERE / "grids") -> List[Tuple[str, str]]:
+    """The ``compare`` pairs of the grid file ``<grids_dir>/<name>.yaml`` (``[]`` when it has none or is absent)."""
+    path = grids_dir / f"{name}.yaml"
+    if not path.is_file():
+        return []
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise GridError(f"grid file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    return [(a, b) for a, b in read_compare(raw, path)]
 
 
 def default_comparisons(records: List[Dict[str, Any]]) -> List[Tuple[str, str, str]]:
@@ -248,6 +263,8 @@ def summarise(store: str | Path, compare: Sequence[Tuple[str, str]] = (), out_st
     cells = aggregate(records)
     groups = list(dict.fromkeys(group_label(r["test_group"]) for r in records))
     methods = {r["method"] for r in records}
+    if not compare:  # the grid file's pairs, for those of its methods the store holds so far
+        compare = [(a, b) for a, b in grid_comparisons(name) if a in methods and b in methods]
     for a, b in compare:
         for m in (a, b):
             if m not in methods:
@@ -264,19 +281,20 @@ def summarise(store: str | Path, compare: Sequence[Tuple[str, str]] = (), out_st
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("store", help="grid results store (.jsonl)")
+    ap.add_argument("store", nargs="+", help="grid results store(s) (.jsonl); each gets its own tables")
     ap.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
                     help="paired Wilcoxon test between methods A and B on every test group (repeatable; replaces "
                          "the default: every pair of few-shot methods)")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
-    try:
-        out = summarise(args.store, [tuple(c) for c in args.compare], plots=not args.no_plot)
-    except GridError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(out["md"].read_text())
-    print(f"wrote {out['md']}, {out['csv']}" + (f", {out['png']}" if out["png"] else ""))
+    for store in args.store:
+        try:
+            out = summarise(store, [tuple(c) for c in args.compare], plots=not args.no_plot)
+        except GridError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(out["md"].read_text())
+        print(f"wrote {out['md']}, {out['csv']}" + (f", {out['png']}" if out["png"] else ""))
     return 0
 
 

@@ -1,6 +1,7 @@
-"""``benchmarks/grid.py`` end to end on ``benchmarks/grids/phantom_tiny.yaml`` (10 phantoms at 64 px, 2 methods,
-2 training steps each): runs land in the store, a second invocation runs nothing, ``--only`` runs a subset, a
-truncated last line is tolerated, and ``--executor submitit-local`` lands the same record through a job."""
+"""``benchmarks/grid.py`` end to end on ``benchmarks/grids/phantom_tiny.yaml`` (10 phantoms at 64 px, 2 methods and
+a two-stage row, 2 training steps each): runs land in the store, a second invocation runs nothing, ``--only`` runs a
+subset, a truncated last line is tolerated, the two-stage row trains on the first stage's frozen encoder, and
+``--executor submitit-local`` lands the same record through a job."""
 from __future__ import annotations
 
 import importlib
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -16,8 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "benchmarks"
 GRID_FILE = BENCH / "grids" / "phantom_tiny.yaml"
 FIELDS = {"id", "grid", "method", "model", "kind", "test_group", "fold", "seed", "setting", "budget_seconds",
-          "n_labelled", "config", "steps", "train_seconds", "train_wall_seconds", "eval_seconds", "precision",
-          "mean_dice", "per_class", "rows", "machine", "version", "time"}
+          "init_from", "n_labelled", "early_stopping", "config", "steps", "train_seconds", "train_wall_seconds",
+          "eval_seconds", "precision", "mean_dice", "per_class", "rows", "machine", "version", "time"}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def _main(grid, tmp, store, *extra):
 def test_run_resume_only_and_truncated_line(grid, tmp_path, capsys):
     store = tmp_path / "grid_phantom_tiny.jsonl"
     ids = {r.method: r.id for r in grid.load_grid(GRID_FILE).runs}
-    assert sorted(ids) == ["alpnet", "panet"]
+    assert sorted(ids) == ["alpnet", "panet", "panet_then_cwpa"]
 
     assert _main(grid, tmp_path, store) == 0
     recs = grid.read_store(store)
@@ -53,16 +55,29 @@ def test_run_resume_only_and_truncated_line(grid, tmp_path, capsys):
         assert (r["steps"], r["test_group"], r["fold"], r["seed"], r["setting"], r["budget_seconds"]) == (
             2, [2, 3], 0, 0, 2, 5.0)
         assert r["kind"] == "fewshot" and r["config"]["train"]["out"] == str(tmp_path / "runs" / r["id"])
+        assert r["init_from"] == (ids["panet"] if r["method"] == "panet_then_cwpa" else None)
         assert sorted(r["per_class"]) == ["2", "3"] and 0.0 <= r["mean_dice"] <= 1.0
         assert {(x["scan"], x["class"]) for x in r["rows"]} == {(s, c) for s in ("1", "2") for c in (2, 3)}
         assert (tmp_path / "runs" / r["id"] / "checkpoint.pt").is_file()
     out = capsys.readouterr().out
-    assert "2 to run" in out and "[2/2] done in" in out and "ETA" in out
+    assert "3 to run" in out and "[3/3] done in" in out and "ETA" in out
+
+    # the two-stage run started from panet's final encoder and kept it frozen (weights and batch-norm statistics);
+    # what sits on it trained
+    from fewshot_proto.models.weights import read_state_file
+    first = read_state_file(tmp_path / "runs" / ids["panet"] / "checkpoint.pt").state
+    second = read_state_file(tmp_path / "runs" / ids["panet_then_cwpa"] / "checkpoint.pt").state
+    enc = [k for k in first if k.startswith("encoder.")]
+    assert enc and all(torch.equal(first[k], second[k]) for k in enc)
+    assert any("running_mean" in k for k in enc)
+    two = [r for r in recs if r["method"] == "panet_then_cwpa"][0]
+    assert two["config"]["model"]["kwargs"]["weights"] == str(tmp_path / "runs" / ids["panet"] / "checkpoint.pt")
+    assert two["config"]["train"]["freeze"] == ["encoder"]
 
     # resume: nothing left to run
     before = store.read_text()
     assert _main(grid, tmp_path, store) == 0
-    assert "2 already in" in capsys.readouterr().out and store.read_text() == before
+    assert "3 already in" in capsys.readouterr().out and store.read_text() == before
 
     # a writer killed mid-line: the dry run still sees both runs done, with a warning
     store.write_text(before + '{"id": "' + ids["panet"] + '", "met')
@@ -70,6 +85,12 @@ def test_run_resume_only_and_truncated_line(grid, tmp_path, capsys):
         assert _main(grid, tmp_path, store, "--dry-run") == 0
     out = capsys.readouterr().out
     assert f"done  {ids['panet']} panet" in out and f"done  {ids['alpnet']} alpnet" in out
+
+    # the second stage alone, into a fresh store, is refused before any work: its first stage is not done there
+    lone = tmp_path / "lone.jsonl"
+    assert _main(grid, tmp_path, lone, "--only", "method=panet_then_cwpa") == 2
+    assert f"starts from run {ids['panet']}, which is neither done nor selected" in capsys.readouterr().err
+    assert not lone.exists()
 
     # --only into a fresh store runs that subset; the next append cuts the partial line of the old store first
     sub = tmp_path / "sub.jsonl"
@@ -107,5 +128,5 @@ def test_submitit_local_executor_lands_the_same_record(grid, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "submitting 1 job(s) to submitit-local one at a time" in out
     assert f"{run.id} panet" in out and ": done;" in out
-    assert _main(grid, tmp_path, store, "--executor", "submitit-local") == 0  # resumes: only alpnet is submitted
-    assert sorted(r["method"] for r in grid.read_store(store)) == ["alpnet", "panet"]
+    assert _main(grid, tmp_path, store, "--executor", "submitit-local") == 0  # resumes: panet is not submitted
+    assert sorted(r["method"] for r in grid.read_store(store)) == ["alpnet", "panet", "panet_then_cwpa"]

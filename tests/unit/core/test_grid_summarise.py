@@ -46,6 +46,10 @@ def test_id_is_a_short_hash_of_the_canonical_config_without_the_ignored_keys(gri
     for section, leaf in (("train", "out"), ("train", "num_workers"), ("train", "prefetch"), ("train", "threads"),
                           ("train", "device"), ("data", "root"), ("data", "cache_volumes")):
         del d[section][leaf]
+    # added after the first stores, left out at their neutral values (ID_LATER_KEYS)
+    del d["train"]["freeze"]
+    for leaf in ("val_scans", "val_every", "patience"):
+        del d["supervised"][leaf]
     expected = hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
     assert grid.run_id(cfg) == expected
     assert len(expected) == 12 and int(expected, 16) >= 0
@@ -69,11 +73,39 @@ def test_key_order_and_ignored_keys_do_not_change_the_id(grid):
     ("train.seed", 1), ("protocol.fold", 1), ("protocol.test_classes", [1, 4]), ("protocol.setting", 1),
     ("train.lr", 1e-3), ("train.max_seconds", 600.0), ("train.iters", 2), ("data.size", 64),
     ("model.name", "alpnet"), ("model.kwargs", {"tau": 0.25}), ("supervised.n_labelled", 2),
-    ("train.precision", "fp32"), ("episodes.shots", 5), ("data.layout", "alpnet"),
+    ("train.precision", "fp32"), ("episodes.shots", 5), ("data.layout", "alpnet"), ("train.freeze", ["encoder"]),
+    ("model.kwargs", {"bag": "masked_average"}),
 ])
 def test_a_result_changing_key_changes_the_id(grid, key, value):
     cfg = default_config()
     assert grid.run_id(apply_overrides(cfg, {key: value})) != grid.run_id(cfg)
+
+
+def test_keys_added_later_keep_the_ids_of_stored_runs(grid):
+    """A config written before ``train.freeze`` existed and one with its neutral value get the same id."""
+    cfg = default_config()
+    old = config_to_dict(cfg)
+    del old["train"]["freeze"]
+    for leaf in ("val_scans", "val_every", "patience"):
+        del old["supervised"][leaf]
+    assert grid.run_id(old) == grid.run_id(cfg)
+    assert grid.ID_LATER_KEYS == {"train.freeze": [], "supervised.val_scans": 0, "supervised.val_every": 100,
+                                  "supervised.patience": 5}
+    assert grid.run_id(apply_overrides(cfg, {"supervised.val_scans": 1})) != grid.run_id(cfg)
+
+
+def test_the_committed_store_ids_are_runs_of_the_committed_grid(grid):
+    """The CHAOS-T2 records committed under benchmarks/results keep their ids: a change to the config's defaults or
+    to the id recipe that would re-run days of grid must fail here first."""
+    main = grid.load_grid(BENCH / "grids" / "chaos_t2_main.yaml", write_phantoms=False)
+    by_id = {r.id: r for r in main.runs}
+    recs = grid.read_store(BENCH / "results" / "grid_chaos_t2_main.jsonl")
+    assert len(recs) >= 6
+    for rec in recs:
+        run = by_id[rec["id"]]
+        assert (run.method, run.group, run.fold, run.seed) == (rec["method"], rec["test_group"], rec["fold"],
+                                                               rec["seed"])
+        assert grid.run_id(rec["config"]) == rec["id"]  # the stored config hashes to its id
 
 
 def test_the_phantom_spec_is_part_of_the_id(grid):
@@ -134,6 +166,80 @@ def test_grid_errors_are_one_line_naming_the_file(grid, tmp_path, edit, message)
     with pytest.raises(grid.GridError) as e:
         grid.load_grid(path)
     assert message in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+TWO_STAGE = GRID.replace("  - {name: u1,",
+                         "  - {name: c, model: cwpa_unet, init_from: a, set: {train.freeze: [encoder]}}\n  - {name: u1,")
+
+
+def test_a_two_stage_row_starts_from_the_same_cell_of_its_first_stage(grid, tmp_path):
+    g = grid.load_grid(_write(tmp_path / "g.yaml", TWO_STAGE))
+    firsts = {(tuple(r.group), r.fold, r.seed): r.id for r in g.runs if r.method == "a"}
+    seconds = [r for r in g.runs if r.method == "c"]
+    assert len(seconds) == 8 and all(r.init_from == firsts[(tuple(r.group), r.fold, r.seed)] for r in seconds)
+    assert all(r.init_from is None for r in g.runs if r.method != "c")
+    r = seconds[0]
+    assert r.cfg.train.freeze == ["encoder"] and "weights" not in r.cfg.model.kwargs  # set when the run starts
+    assert r.id == grid.run_id(r.cfg, {"init_from": r.init_from}) != grid.run_id(r.cfg)
+    # the first stage's checkpoint must be in the runs folder when the second stage starts
+    with pytest.raises(grid.GridError, match=rf"starts from run {r.init_from}'s checkpoint, and .* does not exist"):
+        grid.start_checkpoint(r, tmp_path / "runs")
+    (tmp_path / "runs" / r.init_from).mkdir(parents=True)
+    (tmp_path / "runs" / r.init_from / "checkpoint.pt").write_bytes(b"x")
+    assert grid.start_checkpoint(r, tmp_path / "runs") == tmp_path / "runs" / r.init_from / "checkpoint.pt"
+    # order: a second stage may follow its first stage in the same batch, never precede it
+    grid.check_dependencies([g.runs[0], *[x for x in seconds if x.init_from == g.runs[0].id]], set())
+    with pytest.raises(grid.GridError, match="which is neither done nor selected"):
+        grid.check_dependencies(seconds[:1], set())
+    grid.check_dependencies(seconds[:1], {r.init_from})
+
+
+@pytest.mark.parametrize("edit,message", [
+    (("init_from: a,", "init_from: u1,"), "init_from: 'u1' is not a method listed before 'c'"),
+    (("init_from: a,", "init_from: c,"), "init_from: 'c' is not a method listed before 'c'"),
+    (("  - {name: a, model: panet}", "  - {name: a, model: panet, init_from: b}"),
+     "methods[0].init_from: 'b' is not a method listed before 'a'"),
+    (("model: cwpa_unet, init_from: a, set: {", "model: cwpa_unet, init_from: a, set: {model.kwargs.weights: w, "),
+     "only a few-shot method without its own model.kwargs.weights"),
+])
+def test_two_stage_errors(grid, tmp_path, edit, message):
+    path = _write(tmp_path / "bad.yaml", TWO_STAGE.replace(*edit))
+    with pytest.raises(grid.GridError) as e:
+        grid.load_grid(path)
+    assert message in str(e.value) and str(path) in str(e.value)
+
+
+def test_a_chained_init_from_is_refused(grid, tmp_path):
+    text = TWO_STAGE.replace("  - {name: u1,", "  - {name: d, model: cwpa_unet, init_from: c}\n  - {name: u1,")
+    with pytest.raises(grid.GridError, match="'c' itself starts from another run; one stage of init_from only"):
+        grid.load_grid(_write(tmp_path / "g.yaml", text))
+
+
+def test_reuse_copies_records_of_shared_runs_under_this_grids_names(grid, tmp_path, capsys):
+    g = grid.load_grid(_write(tmp_path / "g.yaml", GRID))
+    a0 = [r for r in g.runs if r.method == "a"][0]
+    other = tmp_path / "other.jsonl"
+    grid.append_record(other, {"id": a0.id, "grid": "main", "method": "panet", "mean_dice": 0.5})
+    grid.append_record(other, {"id": "not-ours", "grid": "main", "method": "x", "mean_dice": 0.1})
+    text = GRID + f"reuse: [{other.name}]\n"
+    path = _write(tmp_path / "r.yaml", text)
+    assert grid.load_grid(path).reuse == [other]
+    store = tmp_path / "mine.jsonl"
+    # the dry run lists the copy and writes nothing
+    assert grid.main([str(path), "--store", str(store), "--dry-run", "--only", "method=a", "--only", "fold=0",
+                      "--only", "seed=0", "--only", "group=2+3"]) == 0
+    out = capsys.readouterr().out
+    assert "0 already in" in out and "1 to copy from the reuse stores, 0 to run" in out
+    assert f"  copy  {a0.id} a (panet)" in out and not store.exists()
+    done = set()
+    assert grid.reuse_records(grid.load_grid(path), store, done) == {a0.id} and done == {a0.id}
+    (rec,) = grid.read_store(store)
+    assert rec == {"id": a0.id, "grid": "t", "method": "a", "mean_dice": 0.5,
+                   "reused_from": {"store": "other.jsonl", "grid": "main", "method": "panet"}}
+    assert grid.reuse_records(grid.load_grid(path), store, done) == set()  # already done: nothing copied twice
+    with pytest.raises(grid.GridError, match="reuse store .*missing.jsonl does not exist"):
+        grid.reuse_records(grid.load_grid(_write(tmp_path / "m.yaml", GRID + "reuse: [missing.jsonl]\n")),
+                           store, set())
 
 
 def test_filters_reject_unknown_keys(grid):
@@ -239,7 +345,68 @@ def test_the_committed_grids_expand(grid):
         "sgd", "step", 0, 0.0, 600.0, "bf16")
     assert {r.cfg.protocol.setting for r in main.runs} == {2} and main.runs[0].cfg.data.root.endswith("chaos_t2")
     tiny = grid.load_grid(BENCH / "grids" / "phantom_tiny.yaml", write_phantoms=False)
-    assert [(r.method, r.cfg.train.iters, r.cfg.data.size) for r in tiny.runs] == [("panet", 2, 64), ("alpnet", 2, 64)]
+    assert [(r.method, r.cfg.train.iters, r.cfg.data.size) for r in tiny.runs] == [
+        ("panet", 2, 64), ("alpnet", 2, 64), ("panet_then_cwpa", 2, 64)]
+    abl = grid.load_grid(BENCH / "grids" / "chaos_t2_ablation.yaml", write_phantoms=False)
+    assert len(abl.runs) == 9 * 3 and {r.fold for r in abl.runs} == {0, 1, 2}
+    assert {r.group_label for r in abl.runs} == {"2+3"}
+    # the rows both grids hold have the same ids, so the ablation grid copies them from the main store
+    main_ids = {(r.method, r.fold): r.id for r in main.runs if r.group == [2, 3]}
+    ab = {(r.method, r.fold): r for r in abl.runs}
+    for f in (0, 1, 2):
+        assert ab[("default", f)].id == main_ids[("cwpa_unet_matcher", f)]
+        assert ab[("decoder_alone", f)].id == main_ids[("cwpa_unet", f)]
+        assert ab[("matcher_alone", f)].cfg.train.lambda_cyc == ab[("default", f)].cfg.train.lambda_cyc == 0.5
+        assert ab[("two_stage", f)].init_from == ab[("matcher_alone", f)].id
+    assert ab[("masked_average", 0)].cfg.model.kwargs == {"bag": "masked_average"}
+    assert [ab[(m, 0)].cfg.episodes.mode for m in ("default", "superpixel_only", "labelled_only")] == [
+        "mixed", "superpixel", "labelled"]
+    assert (ab[("no_align", 0)].cfg.train.lambda_align, ab[("no_cyc", 0)].cfg.train.lambda_cyc) == (0.0, 0.0)
+    assert abl.reuse == [BENCH / "results" / "grid_chaos_t2_main.jsonl"]
+    eff = grid.load_grid(BENCH / "grids" / "chaos_t2_label_efficiency.yaml", write_phantoms=False)
+    le = {(r.method, r.fold): r for r in eff.runs}
+    assert len(eff.runs) == 6 * 3
+    for f in (0, 1, 2):
+        assert le[("cwpa_unet_matcher", f)].id == main_ids[("cwpa_unet_matcher", f)]
+        assert le[("alpnet", f)].id == main_ids[("alpnet", f)]
+    for name, n in (("unet_n1", 1), ("unet_n2", 2), ("unet_n4", 4), ("unet_all", None)):
+        r = le[(name, 0)]
+        s = r.cfg.supervised
+        assert (r.kind, s.n_labelled, s.val_scans, s.val_every, s.patience) == ("supervised", n, 1, 100, 5)
+        assert (r.budget, r.cfg.train.optimizer, r.cfg.train.lr, r.cfg.model.kwargs) == (
+            3600.0, "adamw", 0.002, {"base_channels": 16, "norm": "batch"})
+
+
+def test_the_grid_files_compare_pairs_are_the_default_tests(summ, grid, store, tmp_path, monkeypatch):
+    grids = tmp_path / "grids"
+    grids.mkdir()
+    (grids / "hand.yaml").write_text("name: hand\ncompare: [[B, A], [A, unet_n1], [A, absent]]\n")
+    monkeypatch.setattr(summ, "grid_comparisons",
+                        lambda name, grids_dir=grids, f=summ.grid_comparisons: f(name, grids_dir))
+    out = summ.summarise(store, plots=False)
+    # the grid's pairs, in its order and direction, without the one whose method the store does not hold yet
+    assert [(t["a"], t["b"]) for t in out["tests"]] == [("B", "A"), ("A", "unet_n1")]
+    a_vs_b = summ.paired(summ.latest(summ.read_store(store)), "A", "B", "2+3")
+    assert out["tests"][0]["mean_diff"] == pytest.approx(-a_vs_b["mean_diff"], abs=1e-15)
+    assert out["tests"][0]["p"] == a_vs_b["p"] and out["tests"][0]["n_pairs"] == 11
+    (grids / "hand.yaml").write_text("name: hand\ncompare: [[A]]\n")
+    with pytest.raises(summ.GridError, match=r"hand.yaml: compare must be a list of \[method, method\] pairs"):
+        summ.summarise(store, plots=False)
+    # a grid file whose compare names a method it does not have is refused when the grid loads
+    bad = _write(tmp_path / "g.yaml", GRID + "compare: [[a, zz]]\n")
+    with pytest.raises(grid.GridError, match=r"compare names unknown method\(s\) \['zz'\]"):
+        grid.load_grid(bad)
+    assert grid.load_grid(_write(tmp_path / "h.yaml", GRID + "compare: [[b, a]]\n")).compare == [["b", "a"]]
+
+
+def test_summarise_cli_takes_several_stores(summ, store, tmp_path, capsys):
+    other = tmp_path / "grid_other.jsonl"
+    other.write_text(store.read_text().replace('"grid": "hand"', '"grid": "other"'))
+    assert summ.main([str(store), str(other), "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {store.with_suffix('.md')}" in out and f"wrote {other.with_suffix('.md')}" in out
+    assert summ.main([str(store), str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl does not exist" in capsys.readouterr().err
 
 
 def test_no_label_efficiency_plot_without_supervised_rows(summ, store, tmp_path):
