@@ -55,7 +55,8 @@ def test_registered_by_honest_names_with_their_recorded_configs():
     assert isinstance(plain, FewShotSegmenter) and plain.kind == matcher.kind == "fewshot"
     assert not hasattr(plain, "head") and isinstance(matcher.head, torch.nn.Module)
     assert plain.config == {"encoder": "resnet34", "weights": None, "tau": 0.5, "temperature": 0.1,
-                            "num_classes": 2, "use_background": False, "in_channels": 3}
+                            "num_classes": 2, "use_background": False, "in_channels": 3,
+                            "bag": "local"}
     assert matcher.config == dict(plain.config, matcher_dim=256, matcher_scaler=20.0)
     with pytest.raises(ValueError, match="num_classes must be 2, got 3"):
         build_model("cwpa_unet_matcher", num_classes=3)
