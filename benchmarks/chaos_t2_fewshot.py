@@ -2,7 +2,8 @@
 
 alpnet protocol, Setting 2, 1-shot, for each requested (test group, fold): train for a wall-time budget (the
 reference: SSL-ALPNet's own pipeline trained 2015 s on this machine for fold 0, test classes {2,3}), then
-evaluate the fold's query scans and record per-organ Dice and the time each part took.
+evaluate the fold's query scans and record per-organ Dice and the time each part took. Each run goes through the
+grid runner's ``execute_run`` (``benchmarks/grid.py``), the one place benchmark runs are trained and scored.
 
     python benchmarks/chaos_t2_fewshot.py                                  # fold 0, {2,3}, 2015 s
     python benchmarks/chaos_t2_fewshot.py --groups 23,14 --folds 0-4 --seconds 2015
@@ -16,11 +17,9 @@ more than one fold) and each run's checkpoint and reports under ``--runs``. Uses
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -69,22 +68,19 @@ def main(argv=None) -> int:
     import torch
 
     from fewshot_proto.config import apply_overrides, load_config
-    from fewshot_proto.data import open_dataset
-    from fewshot_proto.engine import evaluate, train
-    from fewshot_proto.engine.evaluator import protocol_specs
-    from fewshot_proto.engine.runtime import Runtime
+
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    from grid import execute_run, make_run
 
     if not Path(args.data).is_dir():
         print(f"CHAOS-T2 not found at {args.data}; pass --data", file=sys.stderr)
         return 2
-    ds = open_dataset(args.data, layout="alpnet")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "chaos_t2_fewshot.json"
     old = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
     runs = [r for r in old.get("runs", [])]
-    # resolved once, from the first run's config (every run shares its device, precision, channels_last, threads)
-    runtime = eval_runtime = None
 
     for group in args.groups.split(","):
         test = [int(c) for c in group]
@@ -101,28 +97,19 @@ def main(argv=None) -> int:
                 **({} if args.lambda_dice is None else {"train.lambda_dice": args.lambda_dice})})
             print(f"== group {test} fold {fold}: training for {args.seconds:.0f} s ({args.precision}, {args.mode})",
                   flush=True)
-            if runtime is None:  # training: the config's device; evaluation: the CPU, as before
-                runtime = Runtime.from_train_config(cfg.train)
-                eval_runtime = dataclasses.replace(runtime, device=torch.device("cpu"))
-            t0 = time.perf_counter()
             # a re-run replaces the row and its run
-            res = train(cfg, progress=False, dataset=ds, overwrite=True, runtime=runtime)
-            t_train = time.perf_counter() - t0
-            specs = protocol_specs(ds, cfg.protocol)
-            t1 = time.perf_counter()
-            summary = evaluate(res.model, ds, specs, size=cfg.data.size, runtime=eval_runtime,
-                               out_dir=run_dir / "eval",
-                               meta={"benchmark": "chaos_t2_fewshot", "fold": fold, "test_classes": test})
-            t_eval = time.perf_counter() - t1
-            dice = {c: 100 * v["dice"]["mean"] for c, v in summary["per_class"].items()}
+            rec = execute_run(make_run(cfg), args.runs, "chaos_t2_fewshot", out=run_dir,
+                              meta={"benchmark": "chaos_t2_fewshot", "fold": fold, "test_classes": test})
+            dice = {c: 100 * v["dice"] for c, v in rec["per_class"].items()}
             row = {"model": cfg.model.name, "group": group, "fold": fold, "test_classes": test,
                    "budget_seconds": args.seconds,
-                   "train_seconds": round(t_train, 1), "iters": res.steps,
-                   "seconds_per_iter": round(res.seconds_per_step, 4), "eval_seconds": round(t_eval, 1),
+                   "train_seconds": round(rec["train_wall_seconds"], 1), "iters": rec["steps"],
+                   "seconds_per_iter": round(rec["seconds_per_step"], 4), "eval_seconds": round(rec["eval_seconds"], 1),
                    "precision": args.precision, "mode": args.mode, "lambda_dice": cfg.train.lambda_dice,
                    "dice": {k: round(v, 2) for k, v in dice.items()},
-                   "mean_dice": round(100 * summary["mean_dice"], 2),
-                   "query_scans": sorted({r["scan"] for r in summary["rows"]})}
+                   "mean_dice": round(100 * rec["mean_dice"], 2),
+                   "query_scans": sorted({r["scan"] for r in rec["rows"]}), "run_id": rec["id"],
+                   "cpu": rec["machine"]["cpu"]}
             print(json.dumps(row), flush=True)
             runs = [r for r in runs if not (r["fold"] == fold and _config_key(r) == _config_key(row))]
             runs.append(row)

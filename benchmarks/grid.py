@@ -168,6 +168,17 @@ def id_payload(cfg: ExperimentConfig | Mapping[str, Any], extra: Optional[Mappin
     return d
 
 
+def make_run(cfg: ExperimentConfig, method: Optional[str] = None) -> Run:
+    """A ``Run`` of a resolved config outside a grid file (what the other benchmark scripts pass to
+    :func:`execute_run`): its method is the model name unless given, its id :func:`run_id` of the config."""
+    from fewshot_proto.models import get_model_class
+
+    p = cfg.protocol
+    return Run(id=run_id(cfg), method=method or cfg.model.name, model=cfg.model.name,
+               kind=str(get_model_class(cfg.model.name).kind), group=[int(c) for c in p.test_classes], fold=p.fold,
+               seed=cfg.train.seed, setting=p.setting, budget=cfg.train.max_seconds, cfg=cfg)
+
+
 def run_id(cfg: ExperimentConfig | Mapping[str, Any], extra: Optional[Mapping[str, Any]] = None) -> str:
     """A short stable hash of the result-changing part of a resolved config (see the module docstring)."""
     return hashlib.sha256(_canonical(id_payload(cfg, extra)).encode()).hexdigest()[:ID_LENGTH]
@@ -436,8 +447,13 @@ def _finite(x: Any) -> Any:
         return None
 
 
-def execute_run(run: Run, runs_dir: str | Path, grid_name: str) -> Dict[str, Any]:
-    """Train and evaluate one run in this process; return its store record (not yet appended)."""
+def execute_run(run: Run, runs_dir: str | Path, grid_name: str, *, out: Optional[str | Path] = None,
+                meta: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Train and evaluate one run in this process; return its store record (not yet appended).
+
+    The run trains into ``out`` (default ``<runs_dir>/<id>``), replacing an earlier run there, and is evaluated
+    on its protocol's episodes (reports in ``<out>/eval``, ``meta`` added to their metadata). The other benchmark
+    scripts run their trainings through this function too."""
     import torch
 
     import fewshot_proto
@@ -446,7 +462,7 @@ def execute_run(run: Run, runs_dir: str | Path, grid_name: str) -> Dict[str, Any
     from fewshot_proto.engine.evaluator import protocol_specs
     from fewshot_proto.engine.runtime import Runtime, cpu_name
 
-    out = Path(runs_dir) / run.id
+    out = Path(out) if out is not None else Path(runs_dir) / run.id
     overrides: Dict[str, Any] = {"train.out": str(out)}
     if run.init_from is not None:
         start = start_checkpoint(run, runs_dir)
@@ -462,13 +478,14 @@ def execute_run(run: Run, runs_dir: str | Path, grid_name: str) -> Dict[str, Any
     specs = protocol_specs(dataset, cfg.protocol)
     t1 = time.perf_counter()
     summary = evaluate(model, dataset, specs, size=cfg.data.size, runtime=runtime, out_dir=out / "eval",
-                       overlays=False, meta={"grid": grid_name, "id": run.id, "method": run.method})
+                       overlays=False, meta={"grid": grid_name, "id": run.id, "method": run.method, **(meta or {})})
     eval_wall = time.perf_counter() - t1
     per_class = {c: {"name": v.get("class_name", ""), "n": v.get("n_scans"),
                      "dice": _finite(v["dice"]["mean"]), "hd95": _finite(v.get("hd95", {}).get("mean")),
                      "assd": _finite(v.get("assd", {}).get("mean"))}
                  for c, v in summary["per_class"].items()}
     rows = [{"scan": r["scan"], "class": int(r["class_id"]), "dice": _finite(r["dice"]),
+             "precision": _finite(r.get("precision")), "recall": _finite(r.get("recall")),
              "hd95": _finite(r["hd95"]), "assd": _finite(r["assd"])} for r in summary["rows"]]
     record = {
         "id": run.id, "grid": grid_name, "method": run.method, "model": run.model, "kind": run.kind,
@@ -476,7 +493,7 @@ def execute_run(run: Run, runs_dir: str | Path, grid_name: str) -> Dict[str, Any
         "budget_seconds": run.budget, "init_from": run.init_from,
         "n_labelled": len(res.labelled_scans) if res.labelled_scans is not None else None,
         "early_stopping": res.early_stopping, "config": config_to_dict(cfg), "steps": int(res.steps),
-        "train_seconds": float(res.seconds),
+        "train_seconds": float(res.seconds), "seconds_per_step": float(res.seconds_per_step),
         "train_wall_seconds": train_wall, "eval_seconds": eval_wall, "precision": runtime.precision,
         "mean_dice": float(summary["mean_dice"]), "per_class": per_class, "rows": rows,
         "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,

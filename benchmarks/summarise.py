@@ -15,6 +15,11 @@ Outputs next to the store (same stem): ``.md``, ``.csv`` and ``_label_efficiency
   scan, class) pairs present for both methods on the same test group. Default: the ``compare`` pairs of the grid
   file ``benchmarks/grids/<grid>.yaml`` when it lists them (an ablation grid compares each row with the default
   model), else every pair of few-shot methods on each test group; ``--compare A B`` (repeatable) replaces that.
+* Over- and under-segmentation: per method, the mean ± sample std over runs of each run's mean precision and
+  recall over its query scans and classes (records written before the store kept them are left out; the table
+  says how many runs have them). Precision well below recall means false positives.
+* Label efficiency: for each few-shot method and supervised model, the fewest labelled scans whose mean Dice
+  reaches the few-shot method's mean (on means only; the paired tests say whether the difference is significant).
 * Plot: one panel per test group x setting; supervised rows by labelled scans (``n_labelled``; mean ± sample
   std over folds and seeds as error bars), few-shot methods as horizontal lines with a shaded ± std band.
 """
@@ -85,8 +90,17 @@ def aggregate(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         out.append({"method": method, "model": recs[0]["model"], "kind": recs[0]["kind"], "group": group,
                     "setting": setting, "n_runs": len(recs), "classes": classes, "names": names,
                     "per_class": per_class, "overall": mean_std([r["mean_dice"] for r in recs]),
+                    "precision": mean_std([_run_mean(r, "precision") for r in recs]),
+                    "recall": mean_std([_run_mean(r, "recall") for r in recs]),
                     "n_labelled": sorted({r.get("n_labelled") for r in recs}, key=lambda v: (v is None, v or 0))})
     return out
+
+
+def _run_mean(rec: Dict[str, Any], key: str) -> float:
+    """The mean of ``key`` over a run's per-scan rows (NaN when no row has it: older records, empty masks)."""
+    vals = [row.get(key) for row in rec["rows"]]
+    vals = [float(v) for v in vals if v is not None and not math.isnan(v)]
+    return float(np.mean(vals)) if vals else float("nan")
 
 
 def paired(records: List[Dict[str, Any]], a: str, b: str, group: str) -> Dict[str, Any]:
@@ -147,6 +161,29 @@ def default_comparisons(records: List[Dict[str, Any]]) -> List[Tuple[str, str, s
     return [(a, b, g) for g, ms in by_group.items() for a, b in itertools.combinations(ms, 2)]
 
 
+def labels_to_match(rows: List[Dict[str, Any]]) -> List[str]:
+    """Sentences: per few-shot method x supervised model of one test group, the fewest labelled scans whose mean
+    Dice reaches the few-shot mean (``[]`` without supervised rows)."""
+    sup: Dict[str, List[Tuple[int, float]]] = defaultdict(list)
+    for r in rows:
+        if r["kind"] == "supervised" and len(r["n_labelled"]) == 1 and r["n_labelled"][0] is not None:
+            sup[r["model"]].append((int(r["n_labelled"][0]), r["overall"][0]))
+    out = []
+    for f in (r for r in rows if r["kind"] == "fewshot"):
+        target = f["overall"][0]
+        for model, pts in sup.items():
+            pts = sorted(pts)
+            hit = next(((n, m) for n, m in pts if m >= target), None)
+            if hit is not None:
+                out.append(f"- `{model}` reaches `{f['method']}` ({100 * target:.1f}) with {hit[0]} labelled "
+                           f"scan{'s' if hit[0] > 1 else ''} ({100 * hit[1]:.1f}).")
+            else:
+                best = max(pts, key=lambda t: t[1])
+                out.append(f"- `{model}` does not reach `{f['method']}` ({100 * target:.1f}) with any number of "
+                           f"labelled scans in the grid (best: {best[0]} scans, {100 * best[1]:.1f}).")
+    return out
+
+
 def markdown(name: str, cells: List[Dict[str, Any]], tests: List[Dict[str, Any]], source: str) -> str:
     lines = [f"# Grid {name}", "", f"From `{source}` (`python benchmarks/summarise.py {source}`).", ""]
     for (group, setting), rows in itertools.groupby(cells, key=lambda c: (c["group"], c["setting"])):
@@ -166,6 +203,19 @@ def markdown(name: str, cells: List[Dict[str, Any]], tests: List[Dict[str, Any]]
             lines.append(f"| {label} | {r['model']} | {r['kind']} | {r['n_runs']} | " + " | ".join(vals)
                          + f" | {fmt_pct(*r['overall'][:2])} |")
         lines.append("")
+        match = labels_to_match(rows)
+        if match:
+            lines += ["Labelled scans a supervised model needs to reach each few-shot mean (means only):", "",
+                      *match, ""]
+        if any(r["precision"][2] for r in rows):
+            lines += ["Precision and recall (%) of the foreground, mean ± sample std over runs of each run's mean "
+                      "over its query scans and classes; precision well below recall means false positives.", "",
+                      "| method | runs with them | precision | recall |", "|---|---:|---:|---:|"]
+            for r in rows:
+                if r["precision"][2]:
+                    lines.append(f"| {r['method']} | {r['precision'][2]} | {fmt_pct(*r['precision'][:2])} | "
+                                 f"{fmt_pct(*r['recall'][:2])} |")
+            lines.append("")
     if tests:
         lines += ["## Paired comparisons", "",
                   "Wilcoxon signed-rank test, two-sided (`scipy.stats.wilcoxon`, zero_method `wilcox`: zero "

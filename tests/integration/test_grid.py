@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "benchmarks"
 GRID_FILE = BENCH / "grids" / "phantom_tiny.yaml"
 FIELDS = {"id", "grid", "method", "model", "kind", "test_group", "fold", "seed", "setting", "budget_seconds",
-          "init_from", "n_labelled", "early_stopping", "config", "steps", "train_seconds", "train_wall_seconds",
+          "init_from", "n_labelled", "early_stopping", "config", "steps", "train_seconds", "seconds_per_step",
+          "train_wall_seconds",
           "eval_seconds", "precision", "mean_dice", "per_class", "rows", "machine", "version", "time"}
 
 

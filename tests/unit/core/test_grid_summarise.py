@@ -314,6 +314,14 @@ def test_summary_statistics_and_tables(summ, store):
     verdict = "not significant at 0.05" if expected >= 0.05 else "significant at 0.05"
     assert f"| 2+3 | A | B | 11 | {100 * t['mean_diff']:+.1f} | {expected:.4g} | {verdict} |" in md
 
+    assert ("- `unet` does not reach `A` (60.0) with any number of labelled scans in the grid (best: 2 scans, "
+            "45.0).") in md
+    assert "- `unet` does not reach `B` (50.0) with any" in md
+    assert summ.labels_to_match([dict(cells["B"], overall=(0.3, 0.0, 3)), cells["unet_n1"], cells["unet_n2"]]) == [
+        "- `unet` reaches `B` (30.0) with 2 labelled scans (45.0)."]
+    assert summ.labels_to_match([dict(cells["B"], overall=(0.2, 0.0, 3)), cells["unet_n2"], cells["unet_n1"]]) == [
+        "- `unet` reaches `B` (20.0) with 1 labelled scan (25.0)."]
+
     with open(out["csv"], newline="") as f:
         rows = [r for r in csv.reader(f)]
     assert ["A", "A", "fewshot", "2+3", "2", "mean", "", "3", repr(a_mean), repr(a_std)] in rows
@@ -327,6 +335,26 @@ def test_compare_picks_the_pairs_and_says_not_significant(summ, store):
     assert summ.verdict(0.2) == "not significant at 0.05" and summ.verdict(0.01) == "significant at 0.05"
     with pytest.raises(summ.GridError, match="method 'C' is not in"):
         summ.summarise(store, compare=[("A", "C")], plots=False)
+
+
+def test_precision_and_recall_table_over_the_runs_that_have_them(summ, store, tmp_path):
+    recs = [json.loads(line) for line in store.read_text().splitlines()]
+    for r in recs:
+        if r["method"] == "A" and r["fold"] < 2:  # fold 2's record is an older one, without them
+            for i, row in enumerate(r["rows"]):
+                row["precision"] = [0.2, 0.4][r["fold"]] + 0.1 * (i % 2)   # run means 0.25 and 0.45
+                row["recall"] = 0.9 if i else float("nan")                   # NaN rows are left out
+    p = tmp_path / "grid_pr.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = summ.summarise(p, plots=False)
+    a = {c["method"]: c for c in out["cells"]}["A"]
+    assert a["precision"][0] == pytest.approx(0.35, abs=1e-12) and a["precision"][2] == 2
+    assert a["precision"][1] == pytest.approx(math.sqrt(2 * 0.1 ** 2), abs=1e-12)
+    assert a["recall"][:3:2] == (pytest.approx(0.9), 2)
+    md = out["md"].read_text()
+    pr_table = md.split("runs with them")[1].split("\n\n")[0]
+    assert "| A | 2 | 35.0 ± 14.1 | 90.0 ± 0.0 |" in pr_table and "| B | " not in pr_table
+    assert "precision well below recall" not in summ.summarise(store, plots=False)["md"].read_text()
 
 
 def test_summarise_tolerates_a_truncated_last_line(summ, store):
@@ -348,7 +376,7 @@ def test_the_committed_grids_expand(grid):
     assert [(r.method, r.cfg.train.iters, r.cfg.data.size) for r in tiny.runs] == [
         ("panet", 2, 64), ("alpnet", 2, 64), ("panet_then_cwpa", 2, 64)]
     abl = grid.load_grid(BENCH / "grids" / "chaos_t2_ablation.yaml", write_phantoms=False)
-    assert len(abl.runs) == 9 * 3 and {r.fold for r in abl.runs} == {0, 1, 2}
+    assert len(abl.runs) == 11 * 3 and {r.fold for r in abl.runs} == {0, 1, 2}
     assert {r.group_label for r in abl.runs} == {"2+3"}
     # the rows both grids hold have the same ids, so the ablation grid copies them from the main store
     main_ids = {(r.method, r.fold): r.id for r in main.runs if r.group == [2, 3]}
@@ -362,7 +390,16 @@ def test_the_committed_grids_expand(grid):
     assert [ab[(m, 0)].cfg.episodes.mode for m in ("default", "superpixel_only", "labelled_only")] == [
         "mixed", "superpixel", "labelled"]
     assert (ab[("no_align", 0)].cfg.train.lambda_align, ab[("no_cyc", 0)].cfg.train.lambda_cyc) == (0.0, 0.0)
+    assert (ab[("dice_term", 0)].cfg.train.lambda_dice, ab[("default", 0)].cfg.train.lambda_dice) == (1.0, 0.0)
+    assert (ab[("balanced_ce", 0)].cfg.train.ce_weights, ab[("default", 0)].cfg.train.ce_weights) == (
+        [1.0, 1.0], [0.1, 1.0])
     assert abl.reuse == [BENCH / "results" / "grid_chaos_t2_main.jsonl"]
+    s1 = grid.load_grid(BENCH / "grids" / "chaos_t2_setting1.yaml", write_phantoms=False)
+    assert [(r.method, r.fold, r.setting) for r in s1.runs] == [("cwpa_unet_matcher", f, 1) for f in range(5)]
+    # the same run as the main grid's default-model row but for the setting
+    m0 = [r for r in main.runs if r.method == "cwpa_unet_matcher" and r.group == [2, 3] and r.fold == 0][0]
+    a, b = config_to_dict(s1.runs[0].cfg), config_to_dict(m0.cfg)
+    assert a["protocol"].pop("setting") == 1 and b["protocol"].pop("setting") == 2 and a == b
     eff = grid.load_grid(BENCH / "grids" / "chaos_t2_label_efficiency.yaml", write_phantoms=False)
     le = {(r.method, r.fold): r for r in eff.runs}
     assert len(eff.runs) == 6 * 3
