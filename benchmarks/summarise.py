@@ -20,6 +20,8 @@ Outputs next to the store (same stem): ``.md``, ``.csv`` and ``_label_efficiency
   says how many runs have them). Precision well below recall means false positives.
 * Label efficiency: for each few-shot method and supervised model, the fewest labelled scans whose mean Dice
   reaches the few-shot method's mean (on means only; the paired tests say whether the difference is significant).
+* Provenance and runs: one line with the number of runs, their training budgets, precisions, CPUs and package
+  versions; per test group and setting, a table of every run (method, fold, seed, steps, training seconds, Dice).
 * Plot: one panel per test group x setting; supervised rows by labelled scans (``n_labelled``; mean ± sample
   std over folds and seeds as error bars), few-shot methods as horizontal lines with a shaded ± std band.
 """
@@ -184,8 +186,40 @@ def labels_to_match(rows: List[Dict[str, Any]]) -> List[str]:
     return out
 
 
-def markdown(name: str, cells: List[Dict[str, Any]], tests: List[Dict[str, Any]], source: str) -> str:
+def run_lines(records: List[Dict[str, Any]], group: str, setting: int, classes: List[int],
+              order: List[str]) -> List[str]:
+    """A markdown table of every run of one test group and setting: method, fold, seed, steps, training seconds,
+    per-organ and mean Dice (%), in the order of ``order`` (the methods of the summary table), then fold, seed."""
+    recs = [r for r in records if group_label(r["test_group"]) == group and int(r["setting"]) == setting]
+    recs.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else len(order), r["fold"], r["seed"]))
+    lines = ["| method | fold | seed | steps | train s | " + " | ".join(str(c) for c in classes) + " | mean |",
+             "|---|---:|---:|---:|---:|" + "---:|" * (len(classes) + 1)]
+    for r in recs:
+        dice = [r["per_class"].get(str(c), {}).get("dice") for c in classes]
+        vals = ["" if d is None else f"{100 * d:.1f}" for d in dice]
+        lines.append(f"| {r['method']} | {r['fold']} | {r['seed']} | {r['steps']} | {r['train_seconds']:.0f} | "
+                     + " | ".join(vals) + f" | {100 * r['mean_dice']:.1f} |")
+    return lines
+
+
+def provenance(records: List[Dict[str, Any]]) -> str:
+    """One sentence: the training budgets, precisions, CPUs and package versions of the runs."""
+    def listed(values) -> str:
+        return ", ".join(sorted({str(v) for v in values}))
+
+    budgets = listed("none" if r.get("budget_seconds") is None else f"{float(r['budget_seconds']):g} s"
+                     for r in records)
+    precision = listed(r.get("precision") for r in records)
+    cpus = listed(r.get("machine", {}).get("cpu") for r in records)
+    return (f"{len(records)} runs; training budget per run {budgets}; precision {precision}; CPU {cpus}; "
+            f"fewshot_proto {listed(r.get('version') for r in records)}.")
+
+
+def markdown(name: str, cells: List[Dict[str, Any]], tests: List[Dict[str, Any]], source: str,
+             records: Optional[List[Dict[str, Any]]] = None) -> str:
     lines = [f"# Grid {name}", "", f"From `{source}` (`python benchmarks/summarise.py {source}`).", ""]
+    if records:
+        lines += [provenance(records), ""]
     for (group, setting), rows in itertools.groupby(cells, key=lambda c: (c["group"], c["setting"])):
         rows = list(rows)
         classes = sorted({c for r in rows for c in r["classes"]})
@@ -216,6 +250,10 @@ def markdown(name: str, cells: List[Dict[str, Any]], tests: List[Dict[str, Any]]
                     lines.append(f"| {r['method']} | {r['precision'][2]} | {fmt_pct(*r['precision'][:2])} | "
                                  f"{fmt_pct(*r['recall'][:2])} |")
             lines.append("")
+        if records:
+            lines += ["Every run: Dice (%) per organ (class id) and mean; steps = training steps run (the budget or "
+                      "early stopping ended them).",
+                      "", *run_lines(records, group, setting, classes, [r["method"] for r in rows]), ""]
     if tests:
         lines += ["## Paired comparisons", "",
                   "Wilcoxon signed-rank test, two-sided (`scipy.stats.wilcoxon`, zero_method `wilcox`: zero "
@@ -323,7 +361,7 @@ def summarise(store: str | Path, compare: Sequence[Tuple[str, str]] = (), out_st
     tests = [paired(records, a, b, g) for a, b, g in pairs]
     stem = out_stem or store.with_suffix("")
     md_path, csv_path = stem.with_suffix(".md"), stem.with_suffix(".csv")
-    md_path.write_text(markdown(name, cells, tests, str(store)))
+    md_path.write_text(markdown(name, cells, tests, str(store), records))
     write_csv(csv_path, cells, tests)
     png = plot(Path(f"{stem}_label_efficiency.png"), records, name) if plots else None
     return {"cells": cells, "tests": tests, "md": md_path, "csv": csv_path, "png": png}

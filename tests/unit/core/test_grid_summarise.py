@@ -253,7 +253,9 @@ def _rec(rid, method, kind, fold, dice2, dice3, mean, rows, model=None, n_labell
     return {"id": rid, "grid": "hand", "method": method, "model": model or method, "kind": kind,
             "test_group": [2, 3], "fold": fold, "seed": 0, "setting": 2, "n_labelled": n_labelled,
             "mean_dice": mean, "per_class": {"2": {"name": "rk", "dice": dice2}, "3": {"name": "lk", "dice": dice3}},
-            "rows": [{"scan": s, "class": c, "dice": d, "hd95": 1.0, "assd": 1.0} for s, c, d in rows]}
+            "rows": [{"scan": s, "class": c, "dice": d, "hd95": 1.0, "assd": 1.0} for s, c, d in rows],
+            "steps": 100 + fold, "train_seconds": 600.4, "budget_seconds": 600.0 if kind == "fewshot" else 3600.0,
+            "precision": "bf16", "machine": {"cpu": "Hand CPU"}, "version": "0.2.0"}
 
 
 # per-scan Dice of methods A and B; B has no row for scan "s2" class 3 in fold 2 (so 11 common pairs, not 12),
@@ -311,6 +313,13 @@ def test_summary_statistics_and_tables(summ, store):
     assert "| A | A | fewshot | 3 | 50.0 ± 10.0 | 70.0 ± 10.0 | 60.0 ± 10.0 |" in md
     assert "| B | B | fewshot | 3 | 40.0 ± 36.1 | 60.0 ± 36.1 | 50.0 ± 36.1 |" in md
     assert "| unet_n2 (n_labelled 2) | unet | supervised | 1 | 30.0 ± – | 50.0 ± – | 45.0 ± – |" in md
+    assert ("8 runs; training budget per run 3600 s, 600 s; precision bf16; CPU Hand CPU; fewshot_proto 0.2.0."
+            in md)  # the rewritten id counts once
+    runs = md.split("| method | fold | seed | steps | train s | 2 | 3 | mean |")[1].split("\n\n")[0].splitlines()
+    assert runs[2:5] == ["| A | 0 | 0 | 100 | 600 | 40.0 | 60.0 | 50.0 |",
+                         "| A | 1 | 0 | 101 | 600 | 50.0 | 70.0 | 60.0 |",
+                         "| A | 2 | 0 | 102 | 600 | 60.0 | 80.0 | 70.0 |"]
+    assert len(runs) == 2 + 8 and runs[-1] == "| unet_n2 | 0 | 0 | 100 | 600 | 30.0 | 50.0 | 45.0 |"
     verdict = "not significant at 0.05" if expected >= 0.05 else "significant at 0.05"
     assert f"| 2+3 | A | B | 11 | {100 * t['mean_diff']:+.1f} | {expected:.4g} | {verdict} |" in md
 
@@ -400,6 +409,13 @@ def test_the_committed_grids_expand(grid):
     m0 = [r for r in main.runs if r.method == "cwpa_unet_matcher" and r.group == [2, 3] and r.fold == 0][0]
     a, b = config_to_dict(s1.runs[0].cfg), config_to_dict(m0.cfg)
     assert a["protocol"].pop("setting") == 1 and b["protocol"].pop("setting") == 2 and a == b
+    seeds = grid.load_grid(BENCH / "grids" / "chaos_t2_seeds.yaml", write_phantoms=False)
+    sd = {(r.method, r.fold, r.seed): r.id for r in seeds.runs}
+    assert len(sd) == 2 * 5 * 2 and {r.group_label for r in seeds.runs} == {"2+3"}
+    for m in ("cwpa_unet_matcher", "alpnet"):
+        for f in range(5):
+            assert sd[(m, f, 0)] == main_ids[(m, f)] and sd[(m, f, 1)] not in main_ids.values()
+    assert seeds.compare == [["cwpa_unet_matcher", "alpnet"]]
     eff = grid.load_grid(BENCH / "grids" / "chaos_t2_label_efficiency.yaml", write_phantoms=False)
     le = {(r.method, r.fold): r for r in eff.runs}
     assert len(eff.runs) == 6 * 3
