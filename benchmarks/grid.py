@@ -460,7 +460,7 @@ def execute_run(run: Run, runs_dir: str | Path, grid_name: str, *, out: Optional
     from fewshot_proto.data import dataset_from_config
     from fewshot_proto.engine import evaluate, train
     from fewshot_proto.engine.evaluator import protocol_specs
-    from fewshot_proto.engine.runtime import Runtime, cpu_name
+    from fewshot_proto.engine.runtime import Runtime, cpu_features, cpu_name
 
     out = Path(out) if out is not None else Path(runs_dir) / run.id
     overrides: Dict[str, Any] = {"train.out": str(out)}
@@ -496,8 +496,8 @@ def execute_run(run: Run, runs_dir: str | Path, grid_name: str, *, out: Optional
         "train_seconds": float(res.seconds), "seconds_per_step": float(res.seconds_per_step),
         "train_wall_seconds": train_wall, "eval_seconds": eval_wall, "precision": runtime.precision,
         "mean_dice": float(summary["mean_dice"]), "per_class": per_class, "rows": rows,
-        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version(), "host": platform.node()},
+        "machine": {"cpu": cpu_name(), "cpu_flags": cpu_features(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "python": platform.python_version(), "host": platform.node()},
         "version": fewshot_proto.__version__,
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

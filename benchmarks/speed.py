@@ -319,17 +319,6 @@ def run_phase(args: argparse.Namespace, phase: str, precision: str, workdir: Pat
     return out
 
 
-def cpu_flags() -> List[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return sorted(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in have)
-    except OSError:
-        pass
-    return []
-
-
 def collect_metrics(doc: Dict[str, Any]) -> List[Dict[str, Any]]:
     """One row per (metric, precision): measured value, target and pass/fail."""
     rows = []
@@ -433,7 +422,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import fewshot_proto
     from fewshot_proto.data.phantom import ensure_phantoms
-    from fewshot_proto.engine.runtime import configure_threads, cpu_name
+    from fewshot_proto.engine.runtime import configure_threads, cpu_features, cpu_name
 
     configure_threads(args.threads)
     load_start = list(os.getloadavg())
@@ -470,7 +459,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "eval_repeats": args.eval_repeats, "gemm_size": args.gemm_size,
                      "gemm_repeats": args.gemm_repeats, "flop_episodes": args.flop_episodes, "seed": args.seed,
                      "quick": bool(args.quick), "device": "cpu", "shots": 1, "loss": loss_description(args)},
-        "machine": {"cpu_model": cpu_name(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
+        "machine": {"cpu_model": cpu_name(), "cpu_flags": cpu_features(), "cores": os.cpu_count(),
                     "torch": torch.__version__, "python": platform.python_version(),
                     "fewshot_proto": fewshot_proto.__version__, "threads": torch.get_num_threads(),
                     "load_start": load_start, "load_end": list(os.getloadavg())},

@@ -21,7 +21,7 @@ Outputs next to the store (same stem): ``.md``, ``.csv`` and ``_label_efficiency
 * Label efficiency: for each few-shot method and supervised model, the fewest labelled scans whose mean Dice
   reaches the few-shot method's mean (on means only; the paired tests say whether the difference is significant).
 * Provenance and runs: one line with the number of runs, their training budgets, precisions, CPUs and package
-  versions; per test group and setting, a table of every run (method, fold, seed, steps, training seconds, Dice).
+  versions; per test group and setting, a table of every run (method, fold, seed, steps, training seconds, CPU, Dice).
 * Plot: one panel per test group x setting; supervised rows by labelled scans (``n_labelled``; mean ± sample
   std over folds and seeds as error bars), few-shot methods as horizontal lines with a shaded ± std band.
 """
@@ -189,28 +189,40 @@ def labels_to_match(rows: List[Dict[str, Any]]) -> List[str]:
 def run_lines(records: List[Dict[str, Any]], group: str, setting: int, classes: List[int],
               order: List[str]) -> List[str]:
     """A markdown table of every run of one test group and setting: method, fold, seed, steps, training seconds,
-    per-organ and mean Dice (%), in the order of ``order`` (the methods of the summary table), then fold, seed."""
+    CPU, per-organ and mean Dice (%), in the order of ``order`` (the methods of the summary table), then fold, seed."""
     recs = [r for r in records if group_label(r["test_group"]) == group and int(r["setting"]) == setting]
     recs.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else len(order), r["fold"], r["seed"]))
-    lines = ["| method | fold | seed | steps | train s | " + " | ".join(str(c) for c in classes) + " | mean |",
-             "|---|---:|---:|---:|---:|" + "---:|" * (len(classes) + 1)]
+    lines = ["| method | fold | seed | steps | train s | CPU | " + " | ".join(str(c) for c in classes) + " | mean |",
+             "|---|---:|---:|---:|---:|---|" + "---:|" * (len(classes) + 1)]
     for r in recs:
         dice = [r["per_class"].get(str(c), {}).get("dice") for c in classes]
         vals = ["" if d is None else f"{100 * d:.1f}" for d in dice]
         lines.append(f"| {r['method']} | {r['fold']} | {r['seed']} | {r['steps']} | {r['train_seconds']:.0f} | "
-                     + " | ".join(vals) + f" | {100 * r['mean_dice']:.1f} |")
+                     f"{cpu_label(r)} | " + " | ".join(vals) + f" | {100 * r['mean_dice']:.1f} |")
     return lines
 
 
+def cpu_label(record: Dict[str, Any]) -> str:
+    """The CPU a run trained on: its model name, with the speed-relevant feature flags where the record has them
+    (records from before ``cpu_flags`` was stored have the name only)."""
+    m = record.get("machine", {})
+    if "cpu_flags" not in m:
+        return str(m.get("cpu"))
+    return f"{m.get('cpu')} ({' '.join(m['cpu_flags']) or 'no AVX/AMX flags'})"
+
+
 def provenance(records: List[Dict[str, Any]]) -> str:
-    """One sentence: the training budgets, precisions, CPUs and package versions of the runs."""
+    """One sentence: the training budgets, precisions, CPUs (with how many runs each) and package versions."""
     def listed(values) -> str:
         return ", ".join(sorted({str(v) for v in values}))
 
     budgets = listed("none" if r.get("budget_seconds") is None else f"{float(r['budget_seconds']):g} s"
                      for r in records)
     precision = listed(r.get("precision") for r in records)
-    cpus = listed(r.get("machine", {}).get("cpu") for r in records)
+    per_cpu: Dict[str, int] = defaultdict(int)
+    for r in records:
+        per_cpu[cpu_label(r)] += 1
+    cpus = ", ".join(f"{c} ({n} runs)" for c, n in sorted(per_cpu.items()))
     return (f"{len(records)} runs; training budget per run {budgets}; precision {precision}; CPU {cpus}; "
             f"fewshot_proto {listed(r.get('version') for r in records)}.")
 

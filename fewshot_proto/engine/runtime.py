@@ -14,7 +14,7 @@ import contextlib
 import os
 import platform
 from dataclasses import dataclass
-from typing import Any, FrozenSet, Optional
+from typing import Any, FrozenSet, List, Optional
 
 import numpy as np
 import torch
@@ -22,8 +22,8 @@ import torch
 from fewshot_proto.config import PRECISIONS
 from fewshot_proto.errors import ConfigError
 
-__all__ = ["Runtime", "cpu_name", "resolve_device", "resolve_precision", "native_bf16", "configure_threads",
-           "to_memory_format"]
+__all__ = ["Runtime", "cpu_name", "cpu_features", "resolve_device", "resolve_precision", "native_bf16",
+           "configure_threads", "to_memory_format"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,17 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+#: the feature flags that decide CPU training speed here (bf16 matmuls run natively with avx512_bf16 or amx_bf16)
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_features() -> List[str]:
+    """The CPU's speed-relevant feature flags (:data:`SPEED_FLAGS` it has, sorted), recorded with every timing
+    beside :func:`cpu_name`: two machines with one model name can differ in them."""
+    flags = _cpu_flags()
+    return sorted(f for f in SPEED_FLAGS if f in flags)
 
 
 def _cpu_flags() -> FrozenSet[str]:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fewshot_proto.engine import runtime
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,6 +58,7 @@ def test_run_resume_only_and_truncated_line(grid, tmp_path, capsys):
         assert (r["steps"], r["test_group"], r["fold"], r["seed"], r["setting"], r["budget_seconds"]) == (
             2, [2, 3], 0, 0, 2, 5.0)
         assert r["kind"] == "fewshot" and r["config"]["train"]["out"] == str(tmp_path / "runs" / r["id"])
+        assert r["machine"]["cpu"] == runtime.cpu_name() and r["machine"]["cpu_flags"] == runtime.cpu_features()
         assert r["init_from"] == (ids["panet"] if r["method"] == "panet_then_cwpa" else None)
         assert sorted(r["per_class"]) == ["2", "3"] and 0.0 <= r["mean_dice"] <= 1.0
         assert {(x["scan"], x["class"]) for x in r["rows"]} == {(s, c) for s in ("1", "2") for c in (2, 3)}

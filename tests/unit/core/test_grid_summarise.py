@@ -255,7 +255,10 @@ def _rec(rid, method, kind, fold, dice2, dice3, mean, rows, model=None, n_labell
             "mean_dice": mean, "per_class": {"2": {"name": "rk", "dice": dice2}, "3": {"name": "lk", "dice": dice3}},
             "rows": [{"scan": s, "class": c, "dice": d, "hd95": 1.0, "assd": 1.0} for s, c, d in rows],
             "steps": 100 + fold, "train_seconds": 600.4, "budget_seconds": 600.0 if kind == "fewshot" else 3600.0,
-            "precision": "bf16", "machine": {"cpu": "Hand CPU"}, "version": "0.2.0"}
+            "precision": "bf16", "version": "0.2.0",
+            # supervised records as stored before cpu_flags was recorded: the model name only
+            "machine": {"cpu": "Hand CPU", "cpu_flags": ["amx_bf16", "avx512_bf16"]} if kind == "fewshot"
+            else {"cpu": "Old CPU"}}
 
 
 # per-scan Dice of methods A and B; B has no row for scan "s2" class 3 in fold 2 (so 11 common pairs, not 12),
@@ -313,13 +316,15 @@ def test_summary_statistics_and_tables(summ, store):
     assert "| A | A | fewshot | 3 | 50.0 ± 10.0 | 70.0 ± 10.0 | 60.0 ± 10.0 |" in md
     assert "| B | B | fewshot | 3 | 40.0 ± 36.1 | 60.0 ± 36.1 | 50.0 ± 36.1 |" in md
     assert "| unet_n2 (n_labelled 2) | unet | supervised | 1 | 30.0 ± – | 50.0 ± – | 45.0 ± – |" in md
-    assert ("8 runs; training budget per run 3600 s, 600 s; precision bf16; CPU Hand CPU; fewshot_proto 0.2.0."
-            in md)  # the rewritten id counts once
-    runs = md.split("| method | fold | seed | steps | train s | 2 | 3 | mean |")[1].split("\n\n")[0].splitlines()
-    assert runs[2:5] == ["| A | 0 | 0 | 100 | 600 | 40.0 | 60.0 | 50.0 |",
-                         "| A | 1 | 0 | 101 | 600 | 50.0 | 70.0 | 60.0 |",
-                         "| A | 2 | 0 | 102 | 600 | 60.0 | 80.0 | 70.0 |"]
-    assert len(runs) == 2 + 8 and runs[-1] == "| unet_n2 | 0 | 0 | 100 | 600 | 30.0 | 50.0 | 45.0 |"
+    assert ("8 runs; training budget per run 3600 s, 600 s; precision bf16; CPU Hand CPU (amx_bf16 avx512_bf16) "
+            "(6 runs), Old CPU (2 runs); fewshot_proto 0.2.0." in md)  # the rewritten id counts once
+    runs = md.split("| method | fold | seed | steps | train s | CPU | 2 | 3 | mean |")[1].split("\n\n")[0]
+    runs = runs.splitlines()
+    assert runs[2:5] == ["| A | 0 | 0 | 100 | 600 | Hand CPU (amx_bf16 avx512_bf16) | 40.0 | 60.0 | 50.0 |",
+                         "| A | 1 | 0 | 101 | 600 | Hand CPU (amx_bf16 avx512_bf16) | 50.0 | 70.0 | 60.0 |",
+                         "| A | 2 | 0 | 102 | 600 | Hand CPU (amx_bf16 avx512_bf16) | 60.0 | 80.0 | 70.0 |"]
+    assert len(runs) == 2 + 8 and runs[-1] == "| unet_n2 | 0 | 0 | 100 | 600 | Old CPU | 30.0 | 50.0 | 45.0 |"
+    assert summ.cpu_label({"machine": {"cpu": "X", "cpu_flags": []}}) == "X (no AVX/AMX flags)"
     verdict = "not significant at 0.05" if expected >= 0.05 else "significant at 0.05"
     assert f"| 2+3 | A | B | 11 | {100 * t['mean_diff']:+.1f} | {expected:.4g} | {verdict} |" in md
 

@@ -97,3 +97,14 @@ def test_cpu_name_is_the_model_name_line(monkeypatch, tmp_path):
     monkeypatch.setattr(runtime, "open", lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path,
                                                                             *a, **k), raising=False)
     assert runtime.cpu_name() == "AMD EPYC 9B14"
+
+
+def test_cpu_features_are_the_speed_flags_present(monkeypatch, tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 amx_tile avx512f amx_bf16 avx512_vnni\n")
+    real_open = open
+    monkeypatch.setattr(runtime, "open", lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path,
+                                                                            *a, **k), raising=False)
+    assert runtime.cpu_features() == ["amx_bf16", "amx_tile", "avx2", "avx512f"]
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset())
+    assert runtime.cpu_features() == []
