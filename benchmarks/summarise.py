@@ -15,6 +15,9 @@ Outputs next to the store (same stem): ``.md``, ``.csv`` and ``_label_efficiency
   scan, class) pairs present for both methods on the same test group. Default: the ``compare`` pairs of the grid
   file ``benchmarks/grids/<grid>.yaml`` when it lists them (an ablation grid compares each row with the default
   model), else every pair of few-shot methods on each test group; ``--compare A B`` (repeatable) replaces that.
+  A store with two or more test groups also gets each pair pooled over all of them (test group ``all``).
+* All test groups: per setting with two or more test groups, each method that ran on all of them, with its mean ±
+  sample std per test group and over all its runs (CSV rows with test group ``all``).
 * Over- and under-segmentation: per method, the mean ± sample std over runs of each run's mean precision and
   recall over its query scans and classes (records written before the store kept them are left out; the table
   says how many runs have them). Precision well below recall means false positives.
@@ -105,18 +108,23 @@ def _run_mean(rec: Dict[str, Any], key: str) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+ALL_GROUPS = "all"
+
+
 def paired(records: List[Dict[str, Any]], a: str, b: str, group: str) -> Dict[str, Any]:
-    """Per-scan Dice of methods ``a`` and ``b`` on test group ``group`` over the (setting, fold, seed, scan, class)
-    keys both have, and the two-sided Wilcoxon signed-rank test on them."""
+    """Per-scan Dice of methods ``a`` and ``b`` on test group ``group`` (:data:`ALL_GROUPS`: every test group,
+    pooled) over the (test group, setting, fold, seed, scan, class) keys both have, and the two-sided Wilcoxon
+    signed-rank test on them."""
     from scipy.stats import wilcoxon
 
     def scans(method: str) -> Dict[Tuple, float]:
         out = {}
         for r in records:
-            if r["method"] == method and group_label(r["test_group"]) == group:
+            g = group_label(r["test_group"])
+            if r["method"] == method and group in (g, ALL_GROUPS):
                 for row in r["rows"]:
                     if row["dice"] is not None and not math.isnan(row["dice"]):
-                        out[(int(r["setting"]), int(r["fold"]), int(r["seed"]), str(row["scan"]),
+                        out[(g, int(r["setting"]), int(r["fold"]), int(r["seed"]), str(row["scan"]),
                              int(row["class"]))] = float(row["dice"])
         return out
 
@@ -161,6 +169,27 @@ def default_comparisons(records: List[Dict[str, Any]]) -> List[Tuple[str, str, s
         if r["kind"] == "fewshot" and r["method"] not in by_group[g]:
             by_group[g].append(r["method"])
     return [(a, b, g) for g, ms in by_group.items() for a, b in itertools.combinations(ms, 2)]
+
+
+def across_groups(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per setting with two or more test groups: each method that has runs on every one of them, with the mean ±
+    sample std of its runs' mean Dice per test group and over all its runs (the overall row researchers quote)."""
+    out = []
+    for setting in sorted({int(r["setting"]) for r in records}):
+        recs = [r for r in records if int(r["setting"]) == setting]
+        groups = list(dict.fromkeys(group_label(r["test_group"]) for r in recs))
+        if len(groups) < 2:
+            continue
+        methods = list(dict.fromkeys(r["method"] for r in recs))
+        for m in methods:
+            mine = [r for r in recs if r["method"] == m]
+            if {group_label(r["test_group"]) for r in mine} != set(groups):
+                continue
+            out.append({"method": m, "model": mine[0]["model"], "kind": mine[0]["kind"], "setting": setting, "groups": groups,
+                        "per_group": {g: mean_std([r["mean_dice"] for r in mine if group_label(r["test_group"]) == g])
+                                      for g in groups},
+                        "overall": mean_std([r["mean_dice"] for r in mine])})
+    return out
 
 
 def labels_to_match(rows: List[Dict[str, Any]]) -> List[str]:
@@ -266,11 +295,25 @@ def markdown(name: str, cells: List[Dict[str, Any]], tests: List[Dict[str, Any]]
             lines += ["Every run: Dice (%) per organ (class id) and mean; steps = training steps run (the budget or "
                       "early stopping ended them).",
                       "", *run_lines(records, group, setting, classes, [r["method"] for r in rows]), ""]
+    for setting, rows in itertools.groupby(across_groups(records or []), key=lambda c: c["setting"]):
+        rows = list(rows)
+        groups = rows[0]["groups"]
+        lines += [f"## All test groups, setting {setting}", "",
+                  "Mean Dice (%), mean ± sample std (ddof 1) of each run's mean Dice: per test group (runs), and over "
+                  "every run of the method (methods with runs on every test group).", "",
+                  "| method | kind | " + " | ".join(f"{g} (runs)" for g in groups) + " | all runs | runs |",
+                  "|---|---|" + "---:|" * (len(groups) + 2)]
+        for r in rows:
+            vals = [f"{fmt_pct(*r['per_group'][g][:2])} ({r['per_group'][g][2]})" for g in groups]
+            lines.append(f"| {r['method']} | {r['kind']} | " + " | ".join(vals)
+                         + f" | {fmt_pct(*r['overall'][:2])} | {r['overall'][2]} |")
+        lines.append("")
     if tests:
         lines += ["## Paired comparisons", "",
                   "Wilcoxon signed-rank test, two-sided (`scipy.stats.wilcoxon`, zero_method `wilcox`: zero "
                   "differences are dropped), on per-scan Dice over the (setting, fold, seed, query scan, class) pairs "
-                  "both methods have. Mean difference = A - B, in Dice points (%).", "",
+                  "both methods have; test group `all` pools the pairs of every test group. Mean difference = A - B, "
+                  "in Dice points (%).", "",
                   "| test group | A | B | pairs | mean diff (%) | p | at 0.05 |", "|---|---|---|---:|---:|---:|---|"]
         for t in tests:
             p = "n/a" if math.isnan(t["p"]) else f"{t['p']:.4g}"
@@ -281,7 +324,8 @@ def markdown(name: str, cells: List[Dict[str, Any]], tests: List[Dict[str, Any]]
     return "\n".join(lines)
 
 
-def write_csv(path: Path, cells: List[Dict[str, Any]], tests: List[Dict[str, Any]]) -> None:
+def write_csv(path: Path, cells: List[Dict[str, Any]], tests: List[Dict[str, Any]],
+              across: Sequence[Dict[str, Any]] = ()) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "model", "kind", "test_group", "setting", "class_id", "class_name", "n_runs",
@@ -293,6 +337,9 @@ def write_csv(path: Path, cells: List[Dict[str, Any]], tests: List[Dict[str, Any
                             m, s])
             m, s, n = r["overall"]
             w.writerow([r["method"], r["model"], r["kind"], r["group"], r["setting"], "mean", "", n, m, s])
+        for r in across:
+            m, s, n = r["overall"]
+            w.writerow([r["method"], r["model"], r["kind"], ALL_GROUPS, r["setting"], "mean", "", n, m, s])
         if tests:
             w.writerow([])
             w.writerow(["comparison_a", "comparison_b", "test_group", "n_pairs", "mean_diff", "p_wilcoxon", "verdict"])
@@ -370,11 +417,13 @@ def summarise(store: str | Path, compare: Sequence[Tuple[str, str]] = (), out_st
             if m not in methods:
                 raise GridError(f"--compare: method {m!r} is not in {store} (methods: {', '.join(sorted(methods))})")
     pairs = [(a, b, g) for a, b in compare for g in groups] if compare else default_comparisons(records)
+    if len(groups) > 1:  # the same pairs pooled over every test group
+        pairs += [(a, b, ALL_GROUPS) for a, b in dict.fromkeys((a, b) for a, b, _ in pairs)]
     tests = [paired(records, a, b, g) for a, b, g in pairs]
     stem = out_stem or store.with_suffix("")
     md_path, csv_path = stem.with_suffix(".md"), stem.with_suffix(".csv")
     md_path.write_text(markdown(name, cells, tests, str(store), records))
-    write_csv(csv_path, cells, tests)
+    write_csv(csv_path, cells, tests, across_groups(records))
     png = plot(Path(f"{stem}_label_efficiency.png"), records, name) if plots else None
     return {"cells": cells, "tests": tests, "md": md_path, "csv": csv_path, "png": png}
 

@@ -474,3 +474,40 @@ def test_no_label_efficiency_plot_without_supervised_rows(summ, store, tmp_path)
     out = summ.summarise(few)
     assert out["png"] is None and not (tmp_path / "grid_few_label_efficiency.png").exists()
     assert out["md"].is_file()
+
+
+def test_two_test_groups_get_an_all_groups_table_and_pooled_tests(summ, store, tmp_path):
+    recs = [json.loads(line) for line in store.read_text().splitlines()]
+    two = list(recs)
+    for r in recs:
+        if r["kind"] == "fewshot":  # the same runs on the liver/spleen group, Dice shifted by +0.1 (A) and -0.1 (B)
+            shift = 0.1 if r["method"] == "A" else -0.1
+            two.append(dict(r, id=r["id"] + "_14", test_group=[1, 4], mean_dice=r["mean_dice"] + shift,
+                            rows=[dict(row, dice=row["dice"] + shift) for row in r["rows"]]))
+    p = tmp_path / "grid_two.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in two))
+    out = summ.summarise(p, plots=False)
+    across = {r["method"]: r for r in summ.across_groups(summ.latest(two))}
+    assert set(across) == {"A", "B"}  # the U-Net rows ran on 2+3 only
+    m, s, n = across["A"]["overall"]  # run means 0.5 0.6 0.7 and 0.6 0.7 0.8
+    assert (m, n) == (pytest.approx(0.65, abs=1e-12), 6)
+    assert s == pytest.approx(math.sqrt((0.15 ** 2 * 2 + 0.05 ** 2 * 4) / 5), abs=1e-12)
+    assert across["B"]["per_group"]["1+4"][0] == pytest.approx(0.4, abs=1e-12)
+    md = out["md"].read_text()
+    assert "| A | fewshot | 60.0 ± 10.0 (3) | 70.0 ± 10.0 (3) | 65.0 ± 10.5 | 6 |" in md
+    # pooled: the 11 pairs of 2+3 and their 11 shifted copies on 1+4, each keyed by its test group
+    x = [d for f in (0, 1, 2) for (s_, c, d) in A_ROWS[f] if (f, s_, c) != (2, "s2", 3)]
+    y = [d for f in (0, 1, 2) for (s_, c, d) in B_ROWS[f]]
+    xs, ys = x + [v + 0.1 for v in x], y + [v - 0.1 for v in y]
+    from scipy.stats import wilcoxon
+    pooled = [t for t in out["tests"] if t["group"] == "all"]
+    assert [(t["a"], t["b"], t["n_pairs"]) for t in pooled] == [("A", "B", 22)]
+    assert pooled[0]["p"] == wilcoxon(xs, ys, zero_method="wilcox", alternative="two-sided").pvalue
+    assert pooled[0]["mean_diff"] == pytest.approx(float(np.mean(np.subtract(xs, ys))), abs=1e-12)
+    assert [t["group"] for t in out["tests"]] == ["2+3", "1+4", "all"]
+    with open(out["csv"], newline="") as f:
+        rows = list(csv.reader(f))
+    assert ["A", "A", "fewshot", "all", "2", "mean", "", "6", repr(m), repr(s)] in rows
+    # one test group: no such table and no pooled test
+    one = summ.summarise(store, plots=False)
+    assert "All test groups" not in one["md"].read_text() and {t["group"] for t in one["tests"]} == {"2+3"}
