@@ -5,7 +5,7 @@ label-efficiency plot, all regenerated from the store alone.
     python benchmarks/summarise.py benchmarks/results/grid_chaos_t2_main.jsonl --compare alpnet panet
     python benchmarks/summarise.py benchmarks/results/grid_*.jsonl       # every committed table, one command
 
-Outputs next to the store (same stem): ``.md``, ``.csv`` and ``_label_efficiency.png``.
+Outputs next to the store (same stem): ``.md``, ``.csv``, ``_runs.png`` and ``_label_efficiency.png``.
 
 * Table: per method x test group x setting, the mean ± SAMPLE standard deviation (ddof 1; "–" with one run) over
   the folds and seeds of each run's mean Dice (per organ: the run's mean over query scans; overall: the run's
@@ -25,8 +25,11 @@ Outputs next to the store (same stem): ``.md``, ``.csv`` and ``_label_efficiency
   reaches the few-shot method's mean (on means only; the paired tests say whether the difference is significant).
 * Provenance and runs: one line with the number of runs, their training budgets, precisions, CPUs and package
   versions; per test group and setting, a table of every run (method, fold, seed, steps, training seconds, CPU, Dice).
-* Plot: one panel per test group x setting; supervised rows by labelled scans (``n_labelled``; mean ± sample
-  std over folds and seeds as error bars), few-shot methods as horizontal lines with a shaded ± std band.
+* Runs plot: one panel per test group x setting; every run's mean Dice as a point (colour: fold, marker: seed)
+  beside each method's mean ± sample std.
+* Label-efficiency plot (stores with supervised rows): one panel per test group x setting; supervised rows by
+  labelled scans (``n_labelled``; mean ± sample std over folds and seeds as error bars), few-shot methods as
+  horizontal lines with a shaded ± std band.
 """
 from __future__ import annotations
 
@@ -398,6 +401,66 @@ def plot(path: Path, records: List[Dict[str, Any]], name: str) -> Optional[Path]
     return path
 
 
+def runs_panels(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """What the runs figure draws: per test group x setting (the tables' order), each method (alphabetical, as in
+    the tables) with every run's ``(fold, seed, mean Dice)`` and the mean, sample std and count of those."""
+    panels = []
+    for group, setting in sorted({(group_label(r["test_group"]), int(r["setting"])) for r in records}):
+        recs = [r for r in records if group_label(r["test_group"]) == group and int(r["setting"]) == setting]
+        methods = []
+        for m in sorted({r["method"] for r in recs}):
+            runs = sorted((int(r["fold"]), int(r["seed"]), float(r["mean_dice"])) for r in recs if r["method"] == m)
+            mean, std, n = mean_std([d for _, _, d in runs])
+            methods.append({"method": m, "runs": runs, "mean": mean, "std": std, "n": n})
+        panels.append({"group": group, "setting": setting, "methods": methods})
+    return panels
+
+
+def plot_runs(path: Path, records: List[Dict[str, Any]], name: str) -> Path:
+    """Every run's mean Dice as a point (colour: fold, marker: seed) beside its method's mean ± sample std, one
+    panel per test group x setting: the spread the mean ± std in the tables summarises."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    panels = runs_panels(records)
+    folds = sorted({f for p in panels for m in p["methods"] for f, _, _ in m["runs"]})
+    seeds = sorted({s for p in panels for m in p["methods"] for _, s, _ in m["runs"]})
+    markers = "osD^vP*X"
+    width = max(len(p["methods"]) for p in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5.5, 0.9 * width + 2.5) * len(panels), 4.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for x, m in enumerate(panel["methods"]):
+            for f, s, d in m["runs"]:
+                dx = 0.3 * ((folds.index(f) + 0.5) / len(folds) - 0.5) + 0.04 * (seeds.index(s) - (len(seeds) - 1) / 2)
+                ax.scatter(x - 0.12 + dx, 100 * d, s=22, color=f"C{folds.index(f) % 10}",
+                           marker=markers[seeds.index(s) % len(markers)], alpha=0.85, zorder=3)
+            yerr = 0 if math.isnan(m["std"]) else 100 * m["std"]
+            ax.errorbar(x + 0.22, 100 * m["mean"], yerr=yerr, fmt="_", color="black", markersize=14, capsize=4,
+                        zorder=4)
+        ax.set_xticks(range(len(panel["methods"])))
+        ax.set_xticklabels([f"{m['method']}\n({m['n']} runs)" for m in panel["methods"]], rotation=30, ha="right",
+                           fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("mean Dice (%) of a run")
+        ax.set_title(f"{name}: test group {panel['group']}, setting {panel['setting']}", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    handles = [Line2D([], [], color=f"C{i % 10}", marker="o", linestyle="", label=f"fold {f}")
+               for i, f in enumerate(folds)]
+    if len(seeds) > 1:
+        handles += [Line2D([], [], color="grey", marker=markers[i % len(markers)], linestyle="", label=f"seed {s}")
+                    for i, s in enumerate(seeds)]
+    handles.append(Line2D([], [], color="black", marker="_", markersize=12, label="mean ± sample std"))
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("each point is one run (its mean Dice over query scans and organs)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def summarise(store: str | Path, compare: Sequence[Tuple[str, str]] = (), out_stem: Optional[Path] = None,
               plots: bool = True) -> Dict[str, Any]:
     store = Path(store)
@@ -425,7 +488,8 @@ def summarise(store: str | Path, compare: Sequence[Tuple[str, str]] = (), out_st
     md_path.write_text(markdown(name, cells, tests, str(store), records))
     write_csv(csv_path, cells, tests, across_groups(records))
     png = plot(Path(f"{stem}_label_efficiency.png"), records, name) if plots else None
-    return {"cells": cells, "tests": tests, "md": md_path, "csv": csv_path, "png": png}
+    runs_png = plot_runs(Path(f"{stem}_runs.png"), records, name) if plots else None
+    return {"cells": cells, "tests": tests, "md": md_path, "csv": csv_path, "png": png, "runs_png": runs_png}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -443,7 +507,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(out["md"].read_text())
-        print(f"wrote {out['md']}, {out['csv']}" + (f", {out['png']}" if out["png"] else ""))
+        print(f"wrote {out['md']}, {out['csv']}" + "".join(f", {out[k]}" for k in ("runs_png", "png") if out[k]))
     return 0
 
 

@@ -511,3 +511,26 @@ def test_two_test_groups_get_an_all_groups_table_and_pooled_tests(summ, store, t
     # one test group: no such table and no pooled test
     one = summ.summarise(store, plots=False)
     assert "All test groups" not in one["md"].read_text() and {t["group"] for t in one["tests"]} == {"2+3"}
+
+
+def test_runs_figure_shows_every_run_beside_its_methods_mean_and_std(summ, store, tmp_path, capsys):
+    recs = summ.latest([json.loads(line) for line in store.read_text().splitlines()])
+    recs.append(dict(recs[0], id="a0_s1", seed=1, mean_dice=0.9))  # a second seed of A's fold 0
+    (panel,) = summ.runs_panels(recs)
+    assert (panel["group"], panel["setting"]) == ("2+3", 2)
+    by = {m["method"]: m for m in panel["methods"]}
+    assert list(by) == ["A", "B", "unet_n1", "unet_n2"]
+    assert by["A"]["runs"] == [(0, 0, 0.5), (0, 1, 0.9), (1, 0, 0.6), (2, 0, 0.7)]
+    assert by["A"]["mean"] == pytest.approx(0.675, abs=1e-12) and by["A"]["n"] == 4
+    assert by["A"]["std"] == pytest.approx(math.sqrt((0.175 ** 2 + 0.225 ** 2 + 0.075 ** 2 + 0.025 ** 2) / 3),
+                                           abs=1e-12)
+    assert by["unet_n2"]["runs"] == [(0, 0, 0.45)] and math.isnan(by["unet_n2"]["std"])  # the rewrite wins
+    out = summ.summarise(store)
+    assert out["runs_png"] == tmp_path / "grid_hand_runs.png"
+    assert out["runs_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summ.main([str(store)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{tmp_path / 'grid_hand_runs.png'}, {tmp_path / 'grid_hand_label_efficiency.png'}" in printed
+    other = tmp_path / "grid_noplot.jsonl"
+    other.write_text(store.read_text())
+    assert summ.summarise(other, plots=False)["runs_png"] is None and not (tmp_path / "grid_noplot_runs.png").exists()
