@@ -16,6 +16,8 @@ Outputs next to the store (same stem): ``.md``, ``.csv``, ``_runs.png`` and ``_l
   file ``benchmarks/grids/<grid>.yaml`` when it lists them (an ablation grid compares each row with the default
   model), else every pair of few-shot methods on each test group; ``--compare A B`` (repeatable) replaces that.
   A store with two or more test groups also gets each pair pooled over all of them (test group ``all``).
+  A method that ran in two settings on the same test group gets Setting s against Setting t, paired over the
+  (fold, seed, query scan, class) pairs both settings have.
 * All test groups: per setting with two or more test groups, each method that ran on all of them, with its mean ±
   sample std per test group and over all its runs (CSV rows with test group ``all``).
 * Over- and under-segmentation: per method, the mean ± sample std over runs of each run's mean precision and
@@ -114,29 +116,29 @@ def _run_mean(rec: Dict[str, Any], key: str) -> float:
 ALL_GROUPS = "all"
 
 
-def paired(records: List[Dict[str, Any]], a: str, b: str, group: str) -> Dict[str, Any]:
-    """Per-scan Dice of methods ``a`` and ``b`` on test group ``group`` (:data:`ALL_GROUPS`: every test group,
-    pooled) over the (test group, setting, fold, seed, scan, class) keys both have, and the two-sided Wilcoxon
-    signed-rank test on them."""
+def _scan_dice(records: List[Dict[str, Any]], method: str, group: str) -> Dict[Tuple, float]:
+    """Per-scan Dice of ``method`` on test group ``group`` (:data:`ALL_GROUPS`: every test group), keyed by
+    (test group, setting, fold, seed, scan, class); rows without a Dice value are left out."""
+    out = {}
+    for r in records:
+        g = group_label(r["test_group"])
+        if r["method"] == method and group in (g, ALL_GROUPS):
+            for row in r["rows"]:
+                if row["dice"] is not None and not math.isnan(row["dice"]):
+                    out[(g, int(r["setting"]), int(r["fold"]), int(r["seed"]), str(row["scan"]),
+                         int(row["class"]))] = float(row["dice"])
+    return out
+
+
+def _wilcoxon(sa: Dict[Tuple, float], sb: Dict[Tuple, float], res: Dict[str, Any]) -> Dict[str, Any]:
+    """``res`` with ``n_pairs``, ``mean_diff`` (a - b), ``p`` and ``note`` over the keys ``sa`` and ``sb`` share."""
     from scipy.stats import wilcoxon
 
-    def scans(method: str) -> Dict[Tuple, float]:
-        out = {}
-        for r in records:
-            g = group_label(r["test_group"])
-            if r["method"] == method and group in (g, ALL_GROUPS):
-                for row in r["rows"]:
-                    if row["dice"] is not None and not math.isnan(row["dice"]):
-                        out[(g, int(r["setting"]), int(r["fold"]), int(r["seed"]), str(row["scan"]),
-                             int(row["class"]))] = float(row["dice"])
-        return out
-
-    sa, sb = scans(a), scans(b)
     keys = sorted(set(sa) & set(sb))
     x = np.array([sa[k] for k in keys])
     y = np.array([sb[k] for k in keys])
-    res: Dict[str, Any] = {"a": a, "b": b, "group": group, "n_pairs": len(keys), "p": float("nan"),
-                           "mean_diff": float(np.mean(x - y)) if keys else float("nan"), "note": ""}
+    res.update({"n_pairs": len(keys), "p": float("nan"),
+                "mean_diff": float(np.mean(x - y)) if keys else float("nan"), "note": ""})
     if not keys:
         res["note"] = "no common pairs"
     elif not np.any(x != y):
@@ -144,6 +146,30 @@ def paired(records: List[Dict[str, Any]], a: str, b: str, group: str) -> Dict[st
     else:
         res["p"] = float(wilcoxon(x, y, zero_method="wilcox", alternative="two-sided").pvalue)
     return res
+
+
+def paired(records: List[Dict[str, Any]], a: str, b: str, group: str) -> Dict[str, Any]:
+    """Per-scan Dice of methods ``a`` and ``b`` on test group ``group`` (:data:`ALL_GROUPS`: every test group,
+    pooled) over the (test group, setting, fold, seed, scan, class) keys both have, and the two-sided Wilcoxon
+    signed-rank test on them."""
+    return _wilcoxon(_scan_dice(records, a, group), _scan_dice(records, b, group), {"a": a, "b": b, "group": group})
+
+
+def setting_comparisons(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Each method that ran on one test group in two or more settings: setting ``s`` against setting ``t > s``,
+    paired over the (fold, seed, scan, class) keys both settings have (the same query scans), as :func:`paired`
+    does for two methods. ``a`` / ``b`` read ``"<method> (setting s)"``."""
+    out = []
+    cells = dict.fromkeys((r["method"], group_label(r["test_group"])) for r in records)
+    for method, group in cells:
+        dice = _scan_dice(records, method, group)
+        settings = sorted({k[1] for k in dice})
+        for s, t in itertools.combinations(settings, 2):
+            sa = {k[:1] + k[2:]: v for k, v in dice.items() if k[1] == s}
+            sb = {k[:1] + k[2:]: v for k, v in dice.items() if k[1] == t}
+            out.append(_wilcoxon(sa, sb, {"a": f"{method} (setting {s})", "b": f"{method} (setting {t})",
+                                          "group": group}))
+    return out
 
 
 def verdict(p: float, note: str = "") -> str:
@@ -316,7 +342,10 @@ def markdown(name: str, cells: List[Dict[str, Any]], tests: List[Dict[str, Any]]
                   "Wilcoxon signed-rank test, two-sided (`scipy.stats.wilcoxon`, zero_method `wilcox`: zero "
                   "differences are dropped), on per-scan Dice over the (setting, fold, seed, query scan, class) pairs "
                   "both methods have; test group `all` pools the pairs of every test group. Mean difference = A - B, "
-                  "in Dice points (%).", "",
+                  "in Dice points (%)."
+                  + (" Rows `M (setting s)` against `M (setting t)` test one method in two settings, paired over the "
+                     "(fold, seed, query scan, class) pairs both settings have."
+                     if any("(setting " in t["a"] for t in tests) else ""), "",
                   "| test group | A | B | pairs | mean diff (%) | p | at 0.05 |", "|---|---|---|---:|---:|---:|---|"]
         for t in tests:
             p = "n/a" if math.isnan(t["p"]) else f"{t['p']:.4g}"
@@ -482,7 +511,7 @@ def summarise(store: str | Path, compare: Sequence[Tuple[str, str]] = (), out_st
     pairs = [(a, b, g) for a, b in compare for g in groups] if compare else default_comparisons(records)
     if len(groups) > 1:  # the same pairs pooled over every test group
         pairs += [(a, b, ALL_GROUPS) for a, b in dict.fromkeys((a, b) for a, b, _ in pairs)]
-    tests = [paired(records, a, b, g) for a, b, g in pairs]
+    tests = [paired(records, a, b, g) for a, b, g in pairs] + setting_comparisons(records)
     stem = out_stem or store.with_suffix("")
     md_path, csv_path = stem.with_suffix(".md"), stem.with_suffix(".csv")
     md_path.write_text(markdown(name, cells, tests, str(store), records))

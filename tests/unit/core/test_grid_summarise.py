@@ -409,11 +409,14 @@ def test_the_committed_grids_expand(grid):
         [1.0, 1.0], [0.1, 1.0])
     assert abl.reuse == [BENCH / "results" / "grid_chaos_t2_main.jsonl"]
     s1 = grid.load_grid(BENCH / "grids" / "chaos_t2_setting1.yaml", write_phantoms=False)
-    assert [(r.method, r.fold, r.setting) for r in s1.runs] == [("cwpa_unet_matcher", f, 1) for f in range(5)]
-    # the same run as the main grid's default-model row but for the setting
+    assert [(r.method, r.fold, r.setting) for r in s1.runs] == [
+        ("cwpa_unet_matcher", f, s) for f in range(5) for s in (1, 2)]
+    # the same run as the main grid's default-model row but for the setting; its Setting 2 rows are the main grid's
     m0 = [r for r in main.runs if r.method == "cwpa_unet_matcher" and r.group == [2, 3] and r.fold == 0][0]
     a, b = config_to_dict(s1.runs[0].cfg), config_to_dict(m0.cfg)
     assert a["protocol"].pop("setting") == 1 and b["protocol"].pop("setting") == 2 and a == b
+    assert {r.id for r in s1.runs if r.setting == 2} == {
+        main_ids[("cwpa_unet_matcher", f)] for f in range(5)} and s1.reuse == abl.reuse
     seeds = grid.load_grid(BENCH / "grids" / "chaos_t2_seeds.yaml", write_phantoms=False)
     sd = {(r.method, r.fold, r.seed): r.id for r in seeds.runs}
     assert len(sd) == 2 * 5 * 2 and {r.group_label for r in seeds.runs} == {"2+3"}
@@ -423,7 +426,7 @@ def test_the_committed_grids_expand(grid):
     assert seeds.compare == [["cwpa_unet_matcher", "alpnet"]]
     eff = grid.load_grid(BENCH / "grids" / "chaos_t2_label_efficiency.yaml", write_phantoms=False)
     le = {(r.method, r.fold): r for r in eff.runs}
-    assert len(eff.runs) == 6 * 3
+    assert len(eff.runs) == 10 * 3
     for f in (0, 1, 2):
         assert le[("cwpa_unet_matcher", f)].id == main_ids[("cwpa_unet_matcher", f)]
         assert le[("alpnet", f)].id == main_ids[("alpnet", f)]
@@ -433,6 +436,12 @@ def test_the_committed_grids_expand(grid):
         assert (r.kind, s.n_labelled, s.val_scans, s.val_every, s.patience) == ("supervised", n, 1, 100, 5)
         assert (r.budget, r.cfg.train.optimizer, r.cfg.train.lr, r.cfg.model.kwargs) == (
             3600.0, "adamw", 0.002, {"base_channels": 16, "norm": "batch"})
+        # the MobileNetV2 row with the same n: the U-Net's recipe, stopping rule and scan selection, its own widths
+        m = le[(name.replace("unet", "mnv2"), 0)]
+        assert (m.model, m.budget, m.cfg.model.kwargs) == ("mobilenet_aspp_se_unet", 3600.0, {
+            "aspp_channels": 32, "aspp_out_channels": 128, "decoder_channels": [64, 32, 32, 16, 16]})
+        assert m.cfg.supervised == s and m.cfg.train == r.cfg.train and m.cfg.data == r.cfg.data
+    assert ["unet_n1", "mnv2_n1"] in eff.compare
 
 
 def test_the_grid_files_compare_pairs_are_the_default_tests(summ, grid, store, tmp_path, monkeypatch):
@@ -511,6 +520,38 @@ def test_two_test_groups_get_an_all_groups_table_and_pooled_tests(summ, store, t
     # one test group: no such table and no pooled test
     one = summ.summarise(store, plots=False)
     assert "All test groups" not in one["md"].read_text() and {t["group"] for t in one["tests"]} == {"2+3"}
+
+
+def test_one_method_in_two_settings_is_tested_setting_against_setting(summ, store, tmp_path):
+    recs = [json.loads(line) for line in store.read_text().splitlines()]
+    # A again in Setting 1: fold 0 +0.05 on every scan, fold 1 -0.02, fold 2 missing its (s1, 2) row
+    delta = {0: 0.05, 1: -0.02, 2: 0.10}
+    s1 = []
+    for r in recs:
+        if r["method"] == "A":
+            rows = [dict(row, dice=row["dice"] + delta[r["fold"]]) for row in r["rows"]
+                    if (r["fold"], row["scan"], row["class"]) != (2, "s1", 2)]
+            s1.append(dict(r, id=r["id"] + "_s1", setting=1, rows=rows))
+    p = tmp_path / "grid_settings.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs + s1))
+    out = summ.summarise(p, plots=False)
+    (t,) = [t for t in out["tests"] if "setting" in t["a"]]
+    x = [d + delta[f] for f in (0, 1, 2) for (sc, c, d) in A_ROWS[f] if (f, sc, c) != (2, "s1", 2)]
+    y = [d for f in (0, 1, 2) for (sc, c, d) in A_ROWS[f] if (f, sc, c) != (2, "s1", 2)]
+    from scipy.stats import wilcoxon
+    assert (t["a"], t["b"], t["group"], t["n_pairs"]) == ("A (setting 1)", "A (setting 2)", "2+3", 11)
+    assert t["mean_diff"] == pytest.approx((4 * 0.05 - 4 * 0.02 + 3 * 0.10) / 11, abs=1e-12)
+    assert t["p"] == wilcoxon(x, y, zero_method="wilcox", alternative="two-sided").pvalue
+    # A against B stays a Setting 2 test: A's Setting 1 rows have no B partner
+    (ab,) = [t for t in out["tests"] if (t["a"], t["b"]) == ("A", "B")]
+    assert ab["n_pairs"] == 11
+    md = out["md"].read_text()
+    assert "## Test group 2+3, setting 1" in md and "test one method in two settings" in md
+    assert f"| 2+3 | A (setting 1) | A (setting 2) | 11 | {100 * t['mean_diff']:+.1f} | {t['p']:.4g} |" in md
+    # one setting per method: no such test and no such sentence
+    one = summ.summarise(store, plots=False)
+    assert all("setting" not in t["a"] for t in one["tests"])
+    assert "test one method in two settings" not in one["md"].read_text()
 
 
 def test_runs_figure_shows_every_run_beside_its_methods_mean_and_std(summ, store, tmp_path, capsys):
