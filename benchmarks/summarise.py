@@ -158,7 +158,7 @@ def paired(records: List[Dict[str, Any]], a: str, b: str, group: str) -> Dict[st
 def setting_comparisons(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Each method that ran on one test group in two or more settings: setting ``s`` against setting ``t > s``,
     paired over the (fold, seed, scan, class) keys both settings have (the same query scans), as :func:`paired`
-    does for two methods. ``a`` / ``b`` read ``"<method> (setting s)"``."""
+    does for two methods. ``a`` / ``b`` read ``"<method> (setting s)"``; ``settings`` is ``(s, t)``."""
     out = []
     cells = dict.fromkeys((r["method"], group_label(r["test_group"])) for r in records)
     for method, group in cells:
@@ -168,7 +168,7 @@ def setting_comparisons(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             sa = {k[:1] + k[2:]: v for k, v in dice.items() if k[1] == s}
             sb = {k[:1] + k[2:]: v for k, v in dice.items() if k[1] == t}
             out.append(_wilcoxon(sa, sb, {"a": f"{method} (setting {s})", "b": f"{method} (setting {t})",
-                                          "group": group}))
+                                          "group": group, "settings": (s, t)}))
     return out
 
 
@@ -345,7 +345,7 @@ def markdown(name: str, cells: List[Dict[str, Any]], tests: List[Dict[str, Any]]
                   "in Dice points (%)."
                   + (" Rows `M (setting s)` against `M (setting t)` test one method in two settings, paired over the "
                      "(fold, seed, query scan, class) pairs both settings have."
-                     if any("(setting " in t["a"] for t in tests) else ""), "",
+                     if any("settings" in t for t in tests) else ""), "",
                   "| test group | A | B | pairs | mean diff (%) | p | at 0.05 |", "|---|---|---|---:|---:|---:|---|"]
         for t in tests:
             p = "n/a" if math.isnan(t["p"]) else f"{t['p']:.4g}"

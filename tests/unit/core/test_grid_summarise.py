@@ -535,11 +535,12 @@ def test_one_method_in_two_settings_is_tested_setting_against_setting(summ, stor
     p = tmp_path / "grid_settings.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in recs + s1))
     out = summ.summarise(p, plots=False)
-    (t,) = [t for t in out["tests"] if "setting" in t["a"]]
+    (t,) = [t for t in out["tests"] if "settings" in t]
     x = [d + delta[f] for f in (0, 1, 2) for (sc, c, d) in A_ROWS[f] if (f, sc, c) != (2, "s1", 2)]
     y = [d for f in (0, 1, 2) for (sc, c, d) in A_ROWS[f] if (f, sc, c) != (2, "s1", 2)]
     from scipy.stats import wilcoxon
-    assert (t["a"], t["b"], t["group"], t["n_pairs"]) == ("A (setting 1)", "A (setting 2)", "2+3", 11)
+    assert (t["a"], t["b"], t["group"], t["n_pairs"], t["settings"]) == (
+        "A (setting 1)", "A (setting 2)", "2+3", 11, (1, 2))
     assert t["mean_diff"] == pytest.approx((4 * 0.05 - 4 * 0.02 + 3 * 0.10) / 11, abs=1e-12)
     assert t["p"] == wilcoxon(x, y, zero_method="wilcox", alternative="two-sided").pvalue
     # A against B stays a Setting 2 test: A's Setting 1 rows have no B partner
@@ -550,7 +551,7 @@ def test_one_method_in_two_settings_is_tested_setting_against_setting(summ, stor
     assert f"| 2+3 | A (setting 1) | A (setting 2) | 11 | {100 * t['mean_diff']:+.1f} | {t['p']:.4g} |" in md
     # one setting per method: no such test and no such sentence
     one = summ.summarise(store, plots=False)
-    assert all("setting" not in t["a"] for t in one["tests"])
+    assert all("settings" not in t and "setting" not in t["a"] for t in one["tests"])
     assert "test one method in two settings" not in one["md"].read_text()
 
 
